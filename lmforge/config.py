@@ -1,0 +1,419 @@
+"""Typed settings for every stage, YAML recipes and ``--section.key=value`` overrides.
+
+A recipe is a YAML file with up to three sections, ``model``, ``data`` and
+``train``, whose keys are the fields of the dataclasses below. Unknown keys and
+values of the wrong type are refused with a one-line :class:`LMForgeError`.
+The field docstrings (the ``#:`` comments) double as the CLI's ``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmforge.errors import LMForgeError
+
+RECIPE_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the Transformer. ``preset`` fills the other fields first; keys given beside it win."""
+
+    #: named size preset (see ``lmforge.config.PRESETS``), applied before the other keys
+    preset: str | None = None
+    #: vocabulary size; 0 = take it from the tokenizer
+    vocab_size: int = 0
+    #: round the embedding table up to a multiple of this (64 helps matmul speed; 1 = exact)
+    pad_vocab_multiple: int = 1
+    #: context length in tokens (the fixed-size block)
+    block_size: int = 256
+    #: number of Transformer blocks
+    n_layer: int = 4
+    #: number of attention (query) heads
+    n_head: int = 4
+    #: number of key/value heads (grouped-query attention); null = n_head
+    n_kv_head: int | None = None
+    #: width of the residual stream (embedding size)
+    d_model: int = 128
+    #: hidden width of the feed-forward layer; null = 4*d_model (gelu) or ~8/3*d_model rounded to 64 (swiglu)
+    d_ff: int | None = None
+    #: positional encoding: sinusoidal (added to embeddings), learned, or rotary
+    pos_encoding: str = "learned"
+    #: base of the rotary frequencies
+    rope_theta: float = 10000.0
+    #: feed-forward activation: gelu (exact), gelu_tanh (GPT-2's approximation) or swiglu
+    ffn: str = "gelu"
+    #: normalisation: layernorm or rmsnorm (always pre-norm)
+    norm: str = "layernorm"
+    #: epsilon of the norms
+    norm_eps: float = 1e-5
+    #: biases in linear layers and LayerNorm
+    bias: bool = False
+    #: share the token embedding with the output head
+    tie_embeddings: bool = True
+    #: dropout probability (embeddings, attention weights, residual branches)
+    dropout: float = 0.0
+    #: standard deviation of the normal weight initialisation
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _check_choice("model.pos_encoding", self.pos_encoding, ("sinusoidal", "learned", "rotary"))
+        _check_choice("model.ffn", self.ffn, ("gelu", "gelu_tanh", "swiglu"))
+        _check_choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
+        for name in ("block_size", "n_layer", "n_head", "d_model", "pad_vocab_multiple"):
+            if getattr(self, name) < 1:
+                raise LMForgeError(f"model.{name} must be at least 1, got {getattr(self, name)}; set a positive value")
+        if self.d_model % self.n_head:
+            raise LMForgeError(
+                f"model.d_model ({self.d_model}) is not divisible by model.n_head ({self.n_head}); "
+                "pick n_head that divides d_model"
+            )
+        kv = self.kv_heads
+        if kv < 1 or self.n_head % kv:
+            raise LMForgeError(
+                f"model.n_kv_head ({kv}) must divide model.n_head ({self.n_head}); "
+                "use n_head, 1, or another divisor"
+            )
+        if self.pos_encoding == "rotary" and self.head_dim % 2:
+            raise LMForgeError(f"rotary positions need an even head size, got {self.head_dim}; change d_model or n_head")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LMForgeError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.ffn == "swiglu":
+            return 64 * ((int(8 * self.d_model / 3) + 63) // 64)
+        return 4 * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+
+#: Named model sizes. ``cpu-demo`` trains in minutes on a laptop; the others match
+#: published architectures (GPT-2 small, and a Llama-style 1B with grouped KV heads).
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu-demo": dict(block_size=128, n_layer=4, n_head=4, d_model=128, pos_encoding="learned"),
+    "small": dict(block_size=256, n_layer=6, n_head=6, d_model=384, pos_encoding="rotary"),
+    "gpt2-124m": dict(
+        vocab_size=50257, pad_vocab_multiple=64, block_size=1024, n_layer=12, n_head=12, d_model=768,
+        pos_encoding="learned", ffn="gelu_tanh", norm="layernorm", bias=True, tie_embeddings=True,
+    ),
+    "gpt2-350m": dict(
+        vocab_size=50257, pad_vocab_multiple=64, block_size=1024, n_layer=24, n_head=16, d_model=1024,
+        pos_encoding="learned", ffn="gelu_tanh", norm="layernorm", bias=True, tie_embeddings=True,
+    ),
+    "llama-1b": dict(
+        vocab_size=32000, block_size=2048, n_layer=22, n_head=32, n_kv_head=4, d_model=2048, d_ff=5632,
+        pos_encoding="rotary", ffn="swiglu", norm="rmsnorm", norm_eps=1e-5, bias=False, tie_embeddings=False,
+    ),
+}
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from, how it is tokenized, and where the shards go."""
+
+    #: text sources: files (.txt, .md, .jsonl with a 'text' field), folders, globs, or 'shakespeare' (bundled plays)
+    corpus: list[str] = field(default_factory=lambda: ["shakespeare"])
+    #: tokenizer kind: char (one token per character, bytes for unseen ones) or bpe (byte-level BPE)
+    tokenizer: str = "char"
+    #: vocabulary size for bpe (the char tokenizer's size follows the text)
+    vocab_size: int = 2048
+    #: char tokenizer: add 256 byte tokens so any text round-trips, even characters not seen in training
+    byte_fallback: bool = True
+    #: special tokens; the first marks the end of a document
+    special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
+    #: share of the text (by position, at the end) kept for validation
+    val_fraction: float = 0.1
+    #: directory for tokenizer.json, the token shards and meta.json
+    data_dir: str = "data/shakespeare-char"
+    #: tokens per shard file
+    shard_tokens: int = 100_000_000
+
+    def __post_init__(self) -> None:
+        _check_choice("data.tokenizer", self.tokenizer, ("char", "bpe"))
+        if isinstance(self.corpus, str):
+            self.corpus = [self.corpus]
+        if not 0.0 < self.val_fraction < 1.0:
+            raise LMForgeError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.tokenizer == "bpe" and self.vocab_size < 256 + len(self.special_tokens):
+            raise LMForgeError(
+                f"data.vocab_size {self.vocab_size} is too small for byte-level BPE; use at least 256 + special tokens"
+            )
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop: batch, schedule, precision, evaluation, checkpoints."""
+
+    #: run directory: checkpoints, metrics.jsonl, TensorBoard events, loss.png
+    out_dir: str = "runs/shakespeare-char"
+    #: random seed (model init, data order, dropout): same seed, same run
+    seed: int = 1337
+    #: sequences per micro-batch
+    batch_size: int = 12
+    #: micro-batches accumulated per optimizer step
+    grad_accum: int = 1
+    #: optimizer steps
+    max_steps: int = 2000
+    #: stop early after this many minutes (0 = no limit); a checkpoint is written first
+    max_minutes: float = 0.0
+    #: peak learning rate
+    lr: float = 1e-3
+    #: final learning rate of the cosine decay
+    min_lr: float = 1e-4
+    #: linear warmup steps
+    warmup_steps: int = 100
+    #: steps of the cosine decay (null = max_steps)
+    decay_steps: int | None = None
+    #: AdamW weight decay (never on norms, biases or embeddings)
+    weight_decay: float = 0.1
+    #: AdamW beta1
+    beta1: float = 0.9
+    #: AdamW beta2
+    beta2: float = 0.99
+    #: clip the global gradient norm to this (0 = off)
+    grad_clip: float = 1.0
+    #: device: auto, cpu, cuda, cuda:N, mps
+    device: str = "auto"
+    #: compute dtype: auto (bf16 on GPUs that have it, float32 on CPU), float32, bfloat16
+    dtype: str = "auto"
+    #: wrap the model in torch.compile
+    compile: bool = False
+    #: evaluate every this many steps (0 = only at the end)
+    eval_interval: int = 250
+    #: batches averaged for the validation loss
+    eval_batches: int = 20
+    #: write a checkpoint every this many steps (0 = only at the end)
+    ckpt_interval: int = 500
+    #: log training metrics every this many steps
+    log_interval: int = 10
+    #: also write TensorBoard event files (needs the tensorboard package)
+    tensorboard: bool = True
+    #: start from the weights of this checkpoint directory (fresh optimizer)
+    init_from: str | None = None
+    #: show the progress bar
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        for name in ("batch_size", "grad_accum", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise LMForgeError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.warmup_steps < 0:
+            raise LMForgeError("train.max_steps and train.warmup_steps must not be negative")
+        if self.lr <= 0:
+            raise LMForgeError(f"train.lr must be positive, got {self.lr}")
+
+
+@dataclass
+class Config:
+    """A whole recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise LMForgeError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; strings from the command line are parsed."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except LMForgeError as e:
+                errors.append(str(e))
+        raise LMForgeError(errors[0] if errors else f"{name}: invalid value {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            parsed = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
+            value = parsed
+        if not isinstance(value, list):
+            raise LMForgeError(f"{name} expects a list, got {value!r}; write it as [a, b] or a,b")
+        return [_coerce(name, v, args[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise LMForgeError(f"{name} expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise LMForgeError(f"{name} expects an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise LMForgeError(f"{name} expects an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise LMForgeError(f"{name} expects a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise LMForgeError(f"{name} expects a string, got {value!r}")
+    return value
+
+
+def build_section(cls: type, values: dict[str, Any], section: str) -> Any:
+    """Construct a dataclass from a dict, refusing unknown keys and ill-typed values."""
+    if not isinstance(values, dict):
+        raise LMForgeError(f"section '{section}' must be a mapping of keys to values, got {values!r}")
+    hints = _field_types(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    values = dict(values)
+    if cls is ModelConfig and values.get("preset"):
+        preset = values["preset"]
+        if preset not in PRESETS:
+            raise LMForgeError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        values = {**PRESETS[preset], **values}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = [k for k in known if k.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise LMForgeError(
+                f"unknown config key '{section}.{key}'{hint}; valid keys: {', '.join(known)}"
+            )
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def resolve_recipe(name_or_path: str) -> Path:
+    """A recipe is a path to a YAML file or the name of one in ``lmforge/configs``."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (RECIPE_DIR / name_or_path, RECIPE_DIR / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    names = sorted(x.stem for x in RECIPE_DIR.glob("*.yaml"))
+    raise LMForgeError(f"recipe {name_or_path!r} not found; give a YAML path or one of: {', '.join(names)}")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """``['--model.n_layer=4', 'train.lr=3e-4']`` -> ``{'model': {'n_layer': '4'}, 'train': {'lr': '3e-4'}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in overrides:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text or "." not in text.split("=", 1)[0]:
+            raise LMForgeError(f"cannot read override {item!r}; write it as --section.key=value, e.g. --train.lr=3e-4")
+        key, value = text.split("=", 1)
+        section, sub = key.split(".", 1)
+        if section not in SECTIONS:
+            raise LMForgeError(f"unknown config section '{section}' in {item!r}; use one of {', '.join(SECTIONS)}")
+        out.setdefault(section, {})[sub] = value
+    return out
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> Config:
+    """Read a recipe (name or path), apply ``--section.key=value`` overrides, validate everything."""
+    raw: dict[str, Any] = {}
+    if base:
+        raw = {k: dict(v) for k, v in base.items()}
+    if recipe:
+        path = resolve_recipe(recipe)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise LMForgeError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+        if not isinstance(loaded, dict):
+            raise LMForgeError(f"recipe {path} must be a mapping with model/data/train sections")
+        for section, values in loaded.items():
+            if section not in SECTIONS:
+                raise LMForgeError(f"unknown section '{section}' in {path}; use one of {', '.join(SECTIONS)}")
+            raw.setdefault(section, {}).update(values or {})
+    for section, values in parse_overrides(overrides or []).items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    for section in raw:
+        if section not in SECTIONS:
+            raise LMForgeError(f"unknown config section '{section}'; use one of {', '.join(SECTIONS)}")
+    try:
+        return Config(**{s: build_section(cls, raw.get(s, {}), s) for s, cls in SECTIONS.items()})
+    except TypeError as e:  # e.g. a dataclass validation tripping on a None
+        raise LMForgeError(f"invalid configuration: {e}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def config_from_json(path: str | Path) -> Config:
+    return config_from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """The ``#:`` comment above each field, for ``--help`` output."""
+    import inspect
+
+    src = inspect.getsource(cls).splitlines()
+    out, pending = {}, []
+    for line in src:
+        s = line.strip()
+        if s.startswith("#:"):
+            pending.append(s[2:].strip())
+        elif pending and ":" in s and not s.startswith(("def ", "@", '"""')):
+            out[s.split(":", 1)[0].strip()] = " ".join(pending)
+            pending = []
+        else:
+            pending = []
+    return out
