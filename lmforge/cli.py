@@ -1,0 +1,221 @@
+"""``lmforge <command>``: prepare, train, generate, eval, plot.
+
+Every command works with no arguments on the bundled Shakespeare corpus, and
+every problem the user can fix is reported as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lmforge.errors import LMForgeError
+
+DEFAULT_RECIPE = "shakespeare-char"
+DEFAULT_RUN = "runs/shakespeare-char"
+
+
+def _config_epilog() -> str:
+    from lmforge.config import SECTIONS, field_help
+
+    lines = ["recipe keys (override any with --section.key=value, e.g. --train.lr=3e-4):"]
+    for section, cls in SECTIONS.items():
+        lines.append(f"  {section}:")
+        for key, text in field_help(cls).items():
+            lines.append(f"    {section}.{key:<20} {text}")
+    return "\n".join(lines)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", default=DEFAULT_RECIPE, metavar="RECIPE",
+                   help=f"recipe name in configs/ or path to a YAML file (default: {DEFAULT_RECIPE})")
+
+
+def _load(args: argparse.Namespace, overrides: list[str]):
+    from lmforge.config import load_config
+
+    return load_config(args.config, overrides)
+
+
+def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.data.shards import prepare
+
+    cfg = _load(args, overrides)
+    meta = prepare(cfg.data, progress=not args.quiet)
+    print(f"prepared {cfg.data.data_dir}: vocab {meta['vocab_size']} ({meta['tokenizer']}), "
+          f"train {meta['train']['tokens']:,} tokens, val {meta['val']['tokens']:,} tokens")
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.train.loop import train
+
+    cfg = _load(args, overrides)
+    if args.quiet:
+        cfg.train.progress = False
+    summary = train(cfg, resume=args.resume)
+    shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+    print(json.dumps(shown, indent=2, default=str))
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if args.prompt is not None:
+        return [_unescape(p) for p in args.prompt]
+    if not sys.stdin.isatty():
+        text = sys.stdin.read()
+        lines = [ln for ln in text.splitlines() if ln.strip()] if args.lines else [text]
+        if lines and any(lines):
+            return lines
+    return [""]
+
+
+def _unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
+    import torch
+
+    from lmforge.generate import generate_text
+    from lmforge.train.checkpoint import load_model
+
+    if overrides:
+        raise LMForgeError(f"unknown option {overrides[0]!r} for generate; see `lmforge generate --help`")
+    model, cfg, tokenizer = load_model(args.checkpoint, device=args.device)
+    prompts = _read_prompts(args) * args.num_samples
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
+    stream = None
+    if len(prompts) == 1 and not args.no_stream:
+        def stream(row: int, text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write(prompts[0])
+    outputs = generate_text(
+        model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
+        generator=generator, stream=stream,
+    )
+    if stream is not None:
+        sys.stdout.write("\n")
+        return
+    for i, (prompt, out) in enumerate(zip(prompts, outputs)):
+        if len(prompts) > 1:
+            print(f"--- sample {i + 1}/{len(prompts)}")
+        print(prompt + out)
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.train.checkpoint import load_model
+    from lmforge.evaluate import evaluate_checkpoint
+
+    if overrides:
+        raise LMForgeError(f"unknown option {overrides[0]!r} for eval; see `lmforge eval --help`")
+    model, cfg, tokenizer = load_model(args.checkpoint, device=args.device)
+    result = evaluate_checkpoint(model, cfg, tokenizer, text_file=args.file, split=args.split,
+                                 batch_size=args.batch_size, max_batches=args.max_batches, device=args.device)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.train.plot import plot_run
+
+    if overrides:
+        raise LMForgeError(f"unknown option {overrides[0]!r} for plot; see `lmforge plot --help`")
+    print(plot_run(args.run_dir))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description="Pre-train, evaluate and sample Transformer language models.",
+        formatter_class=fmt,
+        epilog="Start with `lmforge train` (trains the default recipe on the bundled Shakespeare plays), "
+               "then `lmforge generate`.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="train a tokenizer and write token shards for a corpus",
+                       description="Train the recipe's tokenizer on its corpus and write memory-mapped token "
+                                   "shards (train/val) and meta.json to data.data_dir.",
+                       epilog=_config_epilog(), formatter_class=fmt)
+    _add_recipe_args(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model from a YAML recipe",
+                       description="Train from a recipe in configs/ (or a YAML path) with --section.key=value "
+                                   "overrides. Prepares the data first when data.data_dir has none.",
+                       epilog=_config_epilog(), formatter_class=fmt)
+    _add_recipe_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue exactly from the latest checkpoint in train.out_dir")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="sample text from a checkpoint",
+                       description="Sample text from a checkpoint. The prompt comes from --prompt, or from "
+                                   "stdin when it is piped (one prompt, or one per line with --lines).")
+    p.add_argument("checkpoint", nargs="?", default=DEFAULT_RUN,
+                   help=f"run directory or checkpoint directory (default: {DEFAULT_RUN})")
+    p.add_argument("--prompt", "-p", action="append",
+                   help="prompt text (repeat for a batch of prompts; \\n becomes a newline)")
+    p.add_argument("--lines", action="store_true", help="treat each stdin line as its own prompt")
+    p.add_argument("--max-new-tokens", "-n", type=int, default=300, help="tokens to generate (default: 300)")
+    p.add_argument("--temperature", "-t", type=float, default=0.8,
+                   help="divide logits by this before sampling; lower is more conservative (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample only among the most likely tokens whose probabilities sum to p (nucleus)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="penalise tokens already present (>1 discourages repeats; default: 1.0 = off)")
+    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default: 1)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed for sampling (default: 1337)")
+    p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="loss and perplexity of a checkpoint",
+                       description="Loss (nats per token) and perplexity of a checkpoint on a text file, or on "
+                                   "the val split of the data it was trained on, over sequential windows.")
+    p.add_argument("checkpoint", nargs="?", default=DEFAULT_RUN,
+                   help=f"run directory or checkpoint directory (default: {DEFAULT_RUN})")
+    p.add_argument("--file", "-f", default=None, help="evaluate on this UTF-8 text file instead of a split")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="data split (default: val)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default: 16)")
+    p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot", help="PNG of a run's train/val loss curves",
+                       description="Write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl and print its path.")
+    p.add_argument("run_dir", nargs="?", default=DEFAULT_RUN, help=f"run directory (default: {DEFAULT_RUN})")
+    p.set_defaults(func=cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        sys.exit(0)
+    if args.command in ("prepare", "train"):
+        bad = [r for r in rest if not r.lstrip("-").split("=", 1)[0].count(".")]
+        if bad:
+            parser.error(f"unrecognized argument {bad[0]!r}; recipe overrides look like --train.lr=3e-4")
+    try:
+        args.func(args, rest)
+    except LMForgeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
