@@ -1,0 +1,347 @@
+"""The Transformer's pieces, one class or function per idea, named as in the article.
+
+Shapes: B = batch, T = query length, S = key/value (source) length, H = heads, D = head size.
+Nothing here knows about optimizers, devices or ranks; the decoder (and later an
+encoder-decoder) assemble these pieces. docs/theory.md puts each formula beside the
+function below that computes it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+
+# ----------------------------------------------------------------------------------------------
+# Positional encodings
+
+
+def sinusoidal_encoding(positions: int | torch.Tensor, d: int, base: float = 10000.0) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / base^(2i/d)),  PE(pos, 2i+1) = cos(pos / base^(2i/d)).
+
+    ``positions`` is a count ``n_pos`` (-> rows 0..n_pos-1, shape [n_pos, d]) or a tensor of
+    positions of any shape (-> shape [*positions.shape, d]). Computed in float32 on the fly,
+    so there is no buffer to go stale when the model is moved, cast or built on the meta device.
+    """
+    if isinstance(positions, int):
+        positions = torch.arange(positions)
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [..., ceil(d/2)]
+    pe = torch.empty(*positions.shape, d, device=positions.device, dtype=torch.float32)
+    pe[..., 0::2] = torch.sin(angles)
+    pe[..., 1::2] = torch.cos(angles[..., : d // 2])
+    return pe
+
+
+class PositionalEncoding(nn.Module):
+    """Fixed sinusoidal positions, ADDED to the token embeddings (the original Transformer).
+
+    The article's sample code multiplied the embedding by the encoding, which wipes out the
+    token information wherever the sine is near zero; here it is a plain sum.
+    """
+
+    def __init__(self, d_model: int, max_len: int):
+        super().__init__()
+        self.d_model, self.max_len = d_model, max_len
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d_model], positions [B, T] or [1, T] -> x + PE(positions)."""
+        return x + sinusoidal_encoding(positions, self.d_model).to(x.dtype)
+
+
+class LearnedPositionalEncoding(nn.Embedding):
+    """One trained vector per position (GPT-2's ``wpe``), added to the token embeddings.
+
+    A subclass of ``nn.Embedding`` so its weight is simply ``pos_emb.weight``.
+    """
+
+    def __init__(self, max_len: int, d_model: int):
+        super().__init__(max_len, d_model)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x + super().forward(positions)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE), in the Llama / Hugging Face "rotate_half" layout.
+
+    The head vector is split in two halves (x1, x2); the pair (x1[i], x2[i]) is rotated by the
+    angle pos * theta^(-2i/D). Keys and queries are rotated, so q.k depends only on the
+    distance between the two positions. cos/sin are computed on the fly in float32 (no buffer).
+    """
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] -> (cos, sin), each float32 [B, T, head_dim]."""
+        d = self.head_dim
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
+        angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [B, T, D/2]
+        angles = torch.cat((angles, angles), dim=-1)  # [B, T, D]: the same angle for i and i + D/2
+        return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, D] by the angles behind cos/sin [B, T, D]: x*cos + rotate_half(x)*sin."""
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalisation
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight (no centring, no bias), computed in float32."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    """LayerNorm (GPT-2: mean and variance, weight and optional bias) or RMSNorm (Llama)."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+def attention_mask(
+    q_len: int,
+    k_len: int,
+    *,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+    offset: int = 0,
+    device: torch.device | None = None,
+) -> torch.Tensor | None:
+    """Boolean mask [B or 1, 1, q_len, k_len], True where a query may look at a key.
+
+    Query i sits at key index ``offset + i`` (offset = tokens already in the KV cache), so the
+    causal rule is key_index <= offset + i. ``key_padding_mask`` [B, k_len] is True for real
+    tokens. In causal self-attention a query may always see itself: a padding query (left
+    padding) would otherwise have every key masked, and softmax over nothing is NaN, which then
+    leaks through the padded keys of the next layer. Real tokens always see themselves anyway,
+    so this changes nothing for them. Returns None when no mask is needed.
+    """
+    mask = None
+    if causal:
+        q_pos = torch.arange(q_len, device=device) + offset
+        k_pos = torch.arange(k_len, device=device)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, T, S]
+    if key_padding_mask is not None:
+        keep = key_padding_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+        if causal:
+            keep = keep | (k_pos[None, :] == q_pos[:, None])[None, None]
+        mask = keep if mask is None else mask & keep
+    return mask
+
+
+class MultiHeadAttention(nn.Module):
+    """softmax(Q K^T / sqrt(d_head) + mask) V, per head, then the output projection.
+
+    Self-attention when ``memory`` is None; cross-attention otherwise, with queries from ``x``
+    [B, T, d] and keys/values from ``memory`` [B, S, d], S free to differ from T (keys and values
+    are reshaped with the *source* length S; the article's code used T and broke here).
+    ``n_kv_head < n_head`` gives grouped-query attention: each key/value head serves
+    n_head / n_kv_head query heads.
+    """
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int | None = None, bias: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        n_kv_head = n_kv_head or n_head
+        assert d_model % n_head == 0 and n_head % n_kv_head == 0
+        self.n_head, self.n_kv_head = n_head, n_kv_head
+        self.head_dim = d_model // n_head
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_head * self.head_dim, d_model, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: "LayerKVCache | None" = None,
+    ) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d].
+
+        key_padding_mask: bool [B, S] over the keys (with a cache: over cache + new tokens),
+        True = real token. rope: (cos, sin) from RotaryEmbedding for the new tokens (self-attention
+        only). cache: this layer's slot in a KVCache; the new keys/values are appended to it.
+        """
+        B, T, _ = x.shape
+        source = x if memory is None else memory
+        S = source.size(1)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(source).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(source).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            assert memory is None, "rotary positions apply to self-attention only"
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        offset = 0
+        if cache is not None:
+            assert memory is None, "the KV cache holds self-attention keys only"
+            offset = cache.length
+            k, v = cache.update(k, v)
+        if self.n_kv_head != self.n_head:  # grouped heads: repeat each key/value head for its query group
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+
+        k_len = k.size(2)
+        # The fast paths: plain causal masking, or no mask at all (one new token sees every cached key).
+        plain_causal = causal and key_padding_mask is None and offset == 0 and T == k_len
+        no_mask_needed = causal and key_padding_mask is None and T == 1
+        mask = None
+        if not (plain_causal or no_mask_needed):
+            mask = attention_mask(T, k_len, causal=causal, key_padding_mask=key_padding_mask,
+                                  offset=offset, device=x.device)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=plain_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=1.0 / math.sqrt(self.head_dim),  # the 1/sqrt(d_head) the article left out
+        )
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
+        return self.o_proj(y)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feed-forward and the block
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network.
+
+    gelu / gelu_tanh: down(act(up(x)))  (GPT-2 uses the tanh approximation of GELU).
+    swiglu:           down(silu(gate(x)) * up(x))  (Llama).
+    """
+
+    def __init__(self, d_model: int, d_ff: int, kind: str = "gelu", bias: bool = False):
+        super().__init__()
+        self.kind = kind
+        if kind == "swiglu":
+            self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        approximate = "tanh" if self.kind == "gelu_tanh" else "none"
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=approximate))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attn(norm(x)), [x + cross_attn(norm(x), memory)], x + ffn(norm(x)).
+
+    ``cross_attention=True`` adds attention over an encoder's output (an encoder-decoder's
+    decoder block); a decoder-only model leaves it off.
+    """
+
+    def __init__(self, cfg: ModelConfig, cross_attention: bool = False):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = MultiHeadAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout)
+        if cross_attention:
+            self.cross_norm = make_norm(cfg)
+            self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout)
+        self.ffn_norm = make_norm(cfg)
+        self.ffn = FeedForward(cfg.d_model, cfg.ff_dim, cfg.ffn, cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        causal: bool = True,
+        key_padding_mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: "LayerKVCache | None" = None,
+        memory: torch.Tensor | None = None,
+        memory_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        h = self.attn(self.attn_norm(x), causal=causal, key_padding_mask=key_padding_mask, rope=rope, cache=cache)
+        x = x + self.drop(h)
+        if memory is not None:
+            h = self.cross_attn(self.cross_norm(x), memory, key_padding_mask=memory_padding_mask)
+            x = x + self.drop(h)
+        return x + self.drop(self.ffn(self.ffn_norm(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for decoding one token at a time.
+
+    ``k[layer]`` and ``v[layer]`` are [B, n_kv_head, max_len, head_dim]; ``length`` counts the
+    positions filled (the same for every row: batches are left-padded, and the attention mask
+    says which slots are padding). The model advances ``length`` after all layers have written.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_kv_head: int, max_len: int, head_dim: int,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        shape = (batch_size, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.batch_size, self.max_len = batch_size, max_len
+        self.length = 0
+
+    def layer(self, i: int) -> "LayerKVCache":
+        return LayerKVCache(self, i)
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+class LayerKVCache:
+    """One layer's view of a KVCache: ``update`` writes new keys/values after the filled part."""
+
+    def __init__(self, cache: KVCache, layer: int):
+        self.cache, self.index = cache, layer
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, n_kv, T, D] at positions length..length+T; return all keys/values so far."""
+        start, end = self.cache.length, self.cache.length + k.size(2)
+        if end > self.cache.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions needed, {self.cache.max_len} allocated")
+        k_all, v_all = self.cache.k[self.index], self.cache.v[self.index]
+        k_all[:, :, start:end] = k
+        v_all[:, :, start:end] = v
+        return k_all[:, :, :end], v_all[:, :, :end]
