@@ -1,0 +1,265 @@
+"""Sampling text from a trained model: greedy, temperature, top-k, top-p, repetition penalty.
+
+Decoding uses the KV cache: the prompts are run once (prefill), then each step feeds only the
+newest token. A batch of prompts is left-padded so that every row's next token sits in the last
+column; the attention mask hides the padding and each row's positions start at 0 at its first
+real token, so a prompt gives the same tokens alone or in a batch.
+
+Context policy (as nanoGPT): a prompt may be up to block_size tokens. When prompt + generated
+text grows past block_size, the model keeps seeing only the last block_size tokens, at positions
+0..block_size-1 (a sliding window); from then on each step re-runs that window, because with
+learned or sinusoidal positions every cached key would otherwise carry a stale position.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import LMForgeError
+
+# ----------------------------------------------------------------------------------------------
+# Logit processing: each function takes float logits [B, V] and returns new logits.
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty (Keskar et al. 2019) on tokens already in the prompt or the output:
+    a positive logit is divided by ``penalty``, a negative one multiplied, so with penalty > 1
+    a seen token always becomes less likely. ``seen`` is bool [B, V]."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept), set the rest to -inf."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2019): keep the most likely tokens whose probabilities
+    sum to at least p. Token i, in order of decreasing probability, is kept when the probability
+    mass of the tokens ranked above it is still below p (so the most likely token is always kept)."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(sorted_logits, dim=-1)
+    mass_above = torch.cumsum(probs, dim=-1) - probs
+    remove_sorted = mass_above >= p
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    seen: torch.Tensor | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Choose one token per row from logits [B, V]: penalty, then argmax (greedy or temperature 0),
+    or softmax(logits / temperature) restricted by top-k and top-p, then a random draw."""
+    logits = logits.float()
+    if repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+    if greedy or temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None and top_p < 1.0:
+        logits = top_p_filter(logits, top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decoding loop
+
+
+def _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, block_size, vocab_size):
+    if not prompts:
+        raise LMForgeError("no prompt given; pass at least one prompt")
+    if max_new_tokens < 0:
+        raise LMForgeError(f"max_new_tokens must not be negative, got {max_new_tokens}")
+    if temperature < 0:
+        raise LMForgeError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise LMForgeError(f"top_k must be at least 1, got {top_k}; leave it unset to keep every token")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise LMForgeError(f"top_p must be in (0, 1], got {top_p}")
+    if repetition_penalty <= 0:
+        raise LMForgeError(f"repetition_penalty must be positive (1 = off), got {repetition_penalty}")
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise LMForgeError(f"prompt {row} is empty; give at least one token (e.g. the end-of-text token)")
+        if len(prompt) > block_size:
+            raise LMForgeError(
+                f"prompt {row} is {len(prompt)} tokens but the model's context is {block_size}; "
+                f"shorten the prompt to at most {block_size} tokens"
+            )
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise LMForgeError(
+                f"prompt {row} holds token id {bad[0]}, outside the model's vocabulary of {vocab_size}; "
+                "encode prompts with the model's own tokenizer"
+            )
+
+
+def _prefill(model, windows: list[list[int]], max_len: int, device):
+    """Run left-padded windows through the model into a fresh cache; return the last logits,
+    the cache, the attention mask and each row's next position."""
+    B, width = len(windows), max(len(w) for w in windows)
+    idx = torch.zeros(B, width, dtype=torch.long)
+    mask = torch.zeros(B, width, dtype=torch.bool)
+    for row, window in enumerate(windows):
+        idx[row, width - len(window):] = torch.tensor(window, dtype=torch.long)
+        mask[row, width - len(window):] = True
+    idx, mask = idx.to(device), mask.to(device)
+    positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    cache = model.new_cache(B, max_len)
+    logits = model(idx, attention_mask=mask, positions=positions, cache=cache, last_only=True)[:, -1]
+    return logits, cache, mask, mask.long().sum(dim=1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    greedy: bool = False,
+    eot_id: int | None = None,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
+
+    Returns the new tokens only, one list per prompt; a row stops at ``eot_id`` (which is not
+    included). ``on_token(row, token_id)`` is called for each token as it is produced (streaming).
+    ``greedy`` or ``temperature=0`` takes the most likely token; otherwise tokens are drawn from
+    softmax(logits / temperature) limited to the ``top_k`` most likely and to the ``top_p``
+    probability mass. ``repetition_penalty`` > 1 discourages tokens already in the prompt or output.
+    ``generator`` (on the model's device) makes sampling reproducible.
+    """
+    block_size = model.cfg.block_size
+    vocab_size = model.cfg.vocab_size
+    _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, block_size, vocab_size)
+    device = model.tok_emb.weight.device
+    was_training = model.training
+    model.eval()
+
+    rows = len(prompts)
+    tokens = [list(p) for p in prompts]  # everything fed so far, per row
+    outputs: list[list[int]] = [[] for _ in prompts]
+    finished = [False] * rows
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            seen[row, torch.tensor(prompt, device=device)] = True
+
+    cache = mask = next_pos = logits = None
+    try:
+        for step in range(max_new_tokens):
+            if cache is None or cache.length >= cache.max_len:
+                # Start, or the context is full: (re)run each row's last block_size tokens.
+                windows = [t[-block_size:] for t in tokens]
+                width = max(len(w) for w in windows)
+                still_to_feed = max_new_tokens - step - 1
+                logits, cache, mask, next_pos = _prefill(model, windows, min(block_size, width + still_to_feed), device)
+            else:
+                last = torch.tensor([t[-1] for t in tokens], device=device)
+                mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.bool, device=device)], dim=1)
+                logits = model(last[:, None], attention_mask=mask, positions=next_pos[:, None], cache=cache)[:, -1]
+                next_pos = next_pos + 1
+
+            chosen = next_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 repetition_penalty=repetition_penalty, seen=seen, greedy=greedy,
+                                 generator=generator)
+            if seen is not None:
+                seen[torch.arange(rows, device=device), chosen] = True
+            for row, token in enumerate(chosen.tolist()):
+                tokens[row].append(token)  # finished rows keep being fed; their tokens are dropped
+                if finished[row]:
+                    continue
+                if eot_id is not None and token == eot_id:
+                    finished[row] = True
+                    continue
+                outputs[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
+            if all(finished):
+                break
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------------
+# Text in, text out
+
+
+class _Tokenizer(Protocol):
+    eot_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Sequence[int]) -> str: ...
+    def stream_decoder(self): ...
+
+
+def generate_text(
+    model,
+    tokenizer: _Tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 200,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    stream: Callable[[int, str], None] | None = None,
+) -> list[str]:
+    """Encode the prompts, ``generate``, decode the new tokens; stops at the tokenizer's end-of-text.
+
+    An empty prompt starts from the end-of-text token (unconditional sampling). ``stream(row, text)``
+    receives printable pieces of each row's continuation as they are produced (never half a
+    UTF-8 character).
+    """
+    eot_id = tokenizer.eot_id
+    ids = []
+    for prompt in prompts:
+        encoded = tokenizer.encode(prompt)
+        if not encoded:
+            if eot_id is None:
+                raise LMForgeError("the prompt is empty and the tokenizer has no end-of-text token; give a prompt")
+            encoded = [eot_id]
+        ids.append(encoded)
+
+    on_token = None
+    if stream is not None:
+        decoders = [tokenizer.stream_decoder() for _ in prompts]
+
+        def on_token(row: int, token: int) -> None:
+            piece = decoders[row].push(token)
+            if piece:
+                stream(row, piece)
+
+    new_tokens = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, repetition_penalty=repetition_penalty, greedy=greedy, eot_id=eot_id,
+                          generator=generator, on_token=on_token)
+    if stream is not None:
+        for row, decoder in enumerate(decoders):
+            tail = decoder.flush()
+            if tail:
+                stream(row, tail)
+    return [tokenizer.decode(t) for t in new_tokens]
