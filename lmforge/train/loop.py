@@ -1,0 +1,413 @@
+"""The training loop: maximum likelihood on next tokens, with exact resume.
+
+One optimizer step = ``grad_accum`` micro-batches. The loss of a step is the
+cross-entropy summed over every target token of all its micro-batches, divided
+by their number, so accumulating micro-batches gives exactly the gradient of
+one big batch, even when micro-batches hold different numbers of targets
+(``-100`` marks positions without one).
+
+Everything random in a step (data windows, dropout) comes from generators
+whose state goes into the checkpoint, so ``train(cfg, resume=True)`` continues
+bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.config import Config
+from lmforge.errors import LMForgeError
+from lmforge.train import checkpoint as ckpt_io
+from lmforge.train.optim import build_optimizer, lr_at, set_lr
+
+IGNORE_INDEX = -100
+#: model settings that may change on resume or init_from without changing any weight's shape
+_FREE_MODEL_KEYS = ("preset", "dropout", "init_std")
+
+
+# ------------------------------------------------------------------------------------- device and precision
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LMForgeError(f"unknown train.device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LMForgeError(f"train.device={name} but no CUDA GPU is available; use --train.device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise LMForgeError(f"train.device={name} but MPS is not available; use --train.device=cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype (float32 = no autocast). auto = bf16 on CUDA GPUs that have it."""
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if name == "float16" and device.type != "cuda":
+        raise LMForgeError(f"train.dtype=float16 needs a CUDA GPU (device is {device}); use bfloat16 or float32")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+def accumulate_gradients(
+    model: nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, grad_scaler: Any = None,
+) -> torch.Tensor:
+    """Forward and backward over one optimizer step's micro-batches; returns the step's loss (detached).
+
+    Each micro-batch contributes (sum of its token losses) / (target tokens of the
+    whole step), so the summed gradients equal those of the mean loss over all
+    targets of the step: the same as one batch holding every micro-batch.
+    """
+    device = torch.device(device)
+    n_targets = sum(int((y != IGNORE_INDEX).sum()) for _, y in micro_batches)  # counted on the CPU: no sync
+    denominator = max(n_targets, 1)
+    total = torch.zeros((), device=device)
+    for x, y in micro_batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            logits = model(x)
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = loss / denominator
+        (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
+        total += loss.detach().to(total.dtype)
+    return total
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataset: Any, block_size: int, batch_size: int, n_batches: int | None = None,
+    seed: int | None = None, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None,
+) -> dict[str, float]:
+    """Mean next-token loss (nats per token) and perplexity on ``dataset``.
+
+    With ``seed``: ``n_batches`` random windows, the same ones every call (so
+    evaluations during training are comparable); without: sequential windows
+    covering the split (or its first ``n_batches`` batches).
+    """
+    from lmforge.data.sampler import eval_batches
+
+    device = torch.device(device)
+    if isinstance(dtype, str):
+        dtype = resolve_dtype(dtype, device)
+    dtype = dtype or torch.float32
+    was_training = model.training
+    model.eval()
+    loss_sum, tokens = 0.0, 0
+    try:
+        for x, y in eval_batches(dataset, block_size, batch_size, n_batches=n_batches, seed=seed):
+            x, y = x.to(device), y.to(device)
+            with autocast(device, dtype):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+            loss_sum += loss.item()
+            tokens += int((y != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise LMForgeError("evaluation found no tokens; the split is smaller than one block, lower model.block_size")
+    loss = loss_sum / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+class MetricsLog:
+    """``metrics.jsonl`` (one JSON object per line) and, when available, TensorBoard."""
+
+    def __init__(self, out_dir: Path, start_step: int, tensorboard: bool):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        kept = []
+        if start_step and self.path.exists():  # drop lines written after the checkpoint we resume from
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a crash
+                if record.get("step", 0) <= start_step:
+                    kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        self.file = self.path.open("a", encoding="utf-8")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is optional
+                SummaryWriter = None
+            if SummaryWriter is not None:
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    group = "val" if key.startswith("val_") else "train"
+                    self.tb.add_scalar(f"{group}/{key.removeprefix('val_')}", value, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# -------------------------------------------------------------------------------------------- set-up checks
+
+def _prepare_data(cfg: Config, progress: bool) -> dict:
+    from lmforge.data.shards import load_meta, prepare
+
+    if not (Path(cfg.data.data_dir) / "meta.json").exists():
+        prepare(cfg.data, progress=progress)
+    meta = load_meta(cfg.data.data_dir)
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = int(meta["vocab_size"])
+    elif cfg.model.vocab_size != meta["vocab_size"]:
+        raise LMForgeError(
+            f"model.vocab_size={cfg.model.vocab_size} but the tokenizer in {cfg.data.data_dir} has "
+            f"{meta['vocab_size']} tokens; set --model.vocab_size=0 to take it from the data"
+        )
+    return meta
+
+
+def _check_compatible(ckpt: Path, cfg: Config, what: str) -> None:
+    """Refuse a checkpoint whose weights cannot be this config's model, or whose tokenizer differs."""
+    saved = ckpt_io.read_config(ckpt).model
+    diffs = [
+        f"{key}: {getattr(saved, key)!r} in the checkpoint, {getattr(cfg.model, key)!r} in the config"
+        for key in vars(cfg.model) if key not in _FREE_MODEL_KEYS and getattr(saved, key) != getattr(cfg.model, key)
+    ]
+    if diffs:
+        raise LMForgeError(
+            f"cannot {what} {ckpt}: the model shape differs ({'; '.join(diffs)}); "
+            f"use the model settings of {ckpt / ckpt_io.CONFIG} or a new train.out_dir"
+        )
+    ckpt_tok = ckpt_io._require(ckpt, ckpt_io.TOKENIZER, "copy the tokenizer.json it was trained with into it")
+    data_tok = Path(cfg.data.data_dir) / ckpt_io.TOKENIZER
+    if ckpt_io._read_json(ckpt_tok) != ckpt_io._read_json(data_tok):
+        raise LMForgeError(
+            f"cannot {what} {ckpt}: its tokenizer differs from {data_tok}; "
+            "use the data directory the checkpoint was trained on (data.data_dir)"
+        )
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg``'s model on its data; returns a summary of the run.
+
+    ``resume=True`` continues from the latest checkpoint in ``cfg.train.out_dir``
+    exactly where it stopped (same weights, optimizer, schedule, data stream and
+    RNG). Otherwise ``out_dir`` must hold no checkpoints, and ``init_from`` may
+    name a checkpoint whose weights (not optimizer) start the run.
+    """
+    from lmforge.data.sampler import BlockSampler
+    from lmforge.data.shards import TokenDataset
+    from lmforge.model import DecoderLM
+
+    cfg = copy.deepcopy(cfg)
+    tcfg, mcfg = cfg.train, cfg.model
+    # Seam for distributed training: only the main process logs and writes files.
+    is_main_process = int(os.environ.get("RANK", "0")) == 0
+    say = tqdm.write if is_main_process else (lambda *_: None)
+    device = resolve_device(tcfg.device)
+    amp_dtype = resolve_dtype(tcfg.dtype, device)
+    out_dir = Path(tcfg.out_dir)
+
+    # Data, and the vocabulary size it implies.
+    _prepare_data(cfg, progress=tcfg.progress and is_main_process)
+    train_data = TokenDataset(cfg.data.data_dir, "train")
+    val_data = TokenDataset(cfg.data.data_dir, "val")
+    for split, ds in (("train", train_data), ("val", val_data)):
+        if len(ds) < mcfg.block_size + 1:
+            raise LMForgeError(
+                f"the {split} split of {cfg.data.data_dir} has {len(ds)} tokens, fewer than model.block_size+1 "
+                f"({mcfg.block_size + 1}); use a larger corpus or a smaller model.block_size"
+            )
+
+    # Every check on earlier checkpoints happens before anything is written.
+    resume_from = init_from = state = None
+    existing = ckpt_io._step_dirs(out_dir / ckpt_io.CHECKPOINTS)
+    if resume:
+        if not existing:
+            raise LMForgeError(f"no checkpoint to resume in {out_dir}; start without --resume")
+        resume_from = ckpt_io.latest_checkpoint(out_dir)
+        _check_compatible(resume_from, cfg, "resume from")
+        state = ckpt_io.load_train_state(resume_from)
+    else:
+        if existing:
+            raise LMForgeError(
+                f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it "
+                "or choose another train.out_dir"
+            )
+        if tcfg.init_from:
+            init_from = ckpt_io.latest_checkpoint(tcfg.init_from)
+            _check_compatible(init_from, cfg, "initialise from")
+
+    _seed_everything(tcfg.seed)
+    model = DecoderLM(mcfg)
+    if resume_from or init_from:
+        ckpt_io.load_weights(model, resume_from or init_from)
+    model.to(device)
+    optimizer = build_optimizer(model, tcfg, device)
+    grad_scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    sampler = BlockSampler(train_data, mcfg.block_size, tcfg.batch_size, seed=tcfg.seed)
+    start_step, elapsed_before = 0, 0.0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        for group, decay in zip(optimizer.param_groups, (tcfg.weight_decay, 0.0)):
+            group["weight_decay"] = decay  # the config may change these on resume
+            group["betas"] = (tcfg.beta1, tcfg.beta2)
+        if grad_scaler is not None and state.get("grad_scaler"):
+            grad_scaler.load_state_dict(state["grad_scaler"])
+        sampler.load_state_dict(state["sampler"])
+        start_step = int(state["step"])
+        elapsed_before = float(state["metrics"].get("elapsed", 0.0))
+    step_model = torch.compile(model) if tcfg.compile else model
+
+    num_params = model.num_params()
+    tokens_per_step = tcfg.batch_size * mcfg.block_size * tcfg.grad_accum
+    if is_main_process:
+        say(f"model: {num_params:,} parameters ({model.num_params(exclude_embeddings=True):,} without embeddings); "
+            f"device {device}, {str(amp_dtype).removeprefix('torch.')}; {tokens_per_step:,} tokens per step")
+        if resume_from:
+            say(f"resuming from {resume_from} at step {start_step}")
+    log = MetricsLog(out_dir, start_step, tcfg.tensorboard) if is_main_process else None
+
+    def run_eval() -> dict[str, float]:
+        return evaluate(model, val_data, mcfg.block_size, tcfg.batch_size, n_batches=tcfg.eval_batches,
+                        seed=tcfg.seed, device=device, dtype=amp_dtype)
+
+    # Restore the random streams last, right before the first step draws from them.
+    if state is not None:
+        ckpt_io.restore_rng_state(state["rng"])
+
+    bar = tqdm(total=tcfg.max_steps, initial=start_step, unit="step", dynamic_ncols=True,
+               disable=not (tcfg.progress and is_main_process))
+    model.train()
+    t_start = time.perf_counter()
+    t_last, steps_since_log, loss_since_log = t_start, 0, torch.zeros((), device=device)
+    speeds: list[float] = []
+    record: dict[str, Any] = {}
+    last_loss = val = None
+    checkpoint_path = resume_from
+    stopped_early = False
+    step = start_step
+    while step < tcfg.max_steps:
+        lr = lr_at(step, tcfg)
+        set_lr(optimizer, lr)
+        micro_batches = [sampler.next_batch() for _ in range(tcfg.grad_accum)]
+        loss = accumulate_gradients(step_model, micro_batches, device, amp_dtype, grad_scaler)
+        if grad_scaler is not None:
+            grad_scaler.unscale_(optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip if tcfg.grad_clip > 0 else math.inf)
+        if grad_scaler is not None:
+            grad_scaler.step(optimizer)
+            grad_scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        steps_since_log += 1
+        loss_since_log += loss
+
+        out_of_time = tcfg.max_minutes > 0 and time.perf_counter() - t_start > tcfg.max_minutes * 60
+        last = step == tcfg.max_steps or out_of_time
+        do_eval = last or (tcfg.eval_interval > 0 and step % tcfg.eval_interval == 0)
+        do_ckpt = last or (tcfg.ckpt_interval > 0 and step % tcfg.ckpt_interval == 0)
+        if last or do_eval or do_ckpt or (tcfg.log_interval > 0 and step % tcfg.log_interval == 0):
+            last_loss = loss.item()  # waits for the device, so the timing below is true
+            now = time.perf_counter()
+            speed = steps_since_log * tokens_per_step / max(now - t_last, 1e-9)
+            speeds.append(speed)
+            record = {
+                "step": step, "loss": loss_since_log.item() / steps_since_log, "lr": lr,
+                "grad_norm": float(grad_norm), "tokens_per_second": speed,
+                "elapsed": elapsed_before + now - t_start,
+            }
+            if do_eval:
+                val = run_eval()
+                record.update(val_loss=val["loss"], val_perplexity=val["perplexity"])
+            if log is not None:
+                log.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{speed:,.0f}", refresh=False)
+            if do_eval:
+                say(f"step {step}: train loss {record['loss']:.4f}, val loss {val['loss']:.4f}, "
+                    f"val perplexity {val['perplexity']:.2f}")
+            steps_since_log, loss_since_log = 0, torch.zeros((), device=device)
+        if do_ckpt and is_main_process:
+            checkpoint_path = ckpt_io.save_checkpoint(
+                out_dir, model, cfg, step=step, optimizer=optimizer, grad_scaler=grad_scaler,
+                sampler_state=sampler.state_dict(), metrics=record,
+            )
+        if steps_since_log == 0:
+            t_last = time.perf_counter()  # evaluation and saving do not count against tokens/s
+        if out_of_time:
+            stopped_early = step < tcfg.max_steps
+            say(f"stopping after {tcfg.max_minutes} minutes at step {step}; resume with --resume")
+            break
+    bar.close()
+
+    if val is None:  # nothing was trained (already at max_steps): still report where the model stands
+        val = run_eval()
+    wall_time = time.perf_counter() - t_start
+    if log is not None:
+        log.close()
+        if step > start_step:
+            from lmforge.train.plot import plot_run
+
+            try:
+                plot_run(out_dir)
+            except Exception as e:  # a missing plot must not lose a finished run
+                say(f"could not draw {out_dir / 'loss.png'}: {e}")
+    return {
+        "steps": step,
+        "train_loss": last_loss,
+        "val_loss": val["loss"],
+        "val_perplexity": val["perplexity"],
+        "tokens_per_second": statistics.median(speeds) if speeds else None,
+        "wall_time": wall_time,
+        "num_params": num_params,
+        "stopped_early": stopped_early,
+        "checkpoint": str(checkpoint_path) if checkpoint_path else None,
+    }

@@ -1,0 +1,228 @@
+"""The training loop: token-normalised gradient accumulation, exact resume, metrics, refusals."""
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from lmforge.config import Config, DataConfig, ModelConfig, TrainConfig
+from lmforge.errors import LMForgeError
+from lmforge.model import DecoderLM
+from lmforge.train import checkpoint as ck
+from lmforge.train.loop import accumulate_gradients, train
+from lmforge.train.plot import plot_run
+
+WORDS = ("the king hath sent for thee my lord and we shall go to france tomorrow "
+         "o romeo wherefore art thou romeo deny thy father and refuse thy name").split()
+
+
+def write_corpus(path: Path, n_words: int = 1500) -> Path:
+    """A few kilobytes of word salad; a fixed LCG picks the words, so every run sees the same text."""
+    state, words = 12345, []
+    for i in range(n_words):
+        state = (1103515245 * state + 12345) % 2**31
+        words.append(WORDS[state % len(WORDS)] + ("\n" if i % 11 == 10 else ""))
+    path.write_text(" ".join(words), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(root / "corpus.txt")
+    return root
+
+
+def make_cfg(corpus_dir: Path, out_dir: Path, **train) -> Config:
+    kw = dict(out_dir=str(out_dir), seed=123, batch_size=4, grad_accum=2, max_steps=6, lr=1e-2, min_lr=1e-3,
+              warmup_steps=2, decay_steps=6, eval_interval=3, eval_batches=2, ckpt_interval=0, log_interval=1,
+              tensorboard=False, progress=False, device="cpu", dtype="float32")
+    kw.update(train)
+    return Config(
+        model=ModelConfig(block_size=16, n_layer=2, n_head=2, d_model=32, dropout=0.1),
+        data=DataConfig(corpus=[str(corpus_dir / "corpus.txt")], data_dir=str(corpus_dir / "data"),
+                        special_tokens=[], byte_fallback=False),
+        train=TrainConfig(**kw),
+    )
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------- gradient accumulation
+
+def reference_step_loss(model, x, y):
+    """Mean token loss over every target of the step, written out in float64."""
+    logp = torch.log_softmax(model(x).double(), dim=-1)
+    mask = y != -100
+    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(picked * mask).sum() / mask.sum()
+
+
+def grads(model):
+    out = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def test_two_micro_batches_of_4_equal_one_batch_of_8():
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=40, block_size=12, n_layer=2, n_head=2, d_model=32)).double()
+    x = torch.randint(0, 40, (8, 12))
+    y = torch.randint(0, 40, (8, 12))
+    y[0, 2:] = -100  # padding: the first micro-batch has far fewer targets than the second
+    y[1, :7] = -100
+    y[3, 5] = -100
+    assert (y[:4] != -100).sum() != (y[4:] != -100).sum()
+
+    big_loss = accumulate_gradients(model, [(x, y)])
+    big = grads(model)
+    acc_loss = accumulate_gradients(model, [(x[:4], y[:4]), (x[4:], y[4:])])
+    acc = grads(model)
+    ref_loss = reference_step_loss(model, x, y)
+    ref_loss.backward()
+    ref = grads(model)
+
+    assert big_loss.item() == pytest.approx(ref_loss.item(), rel=1e-7)
+    assert acc_loss.item() == pytest.approx(ref_loss.item(), rel=1e-7)
+    for name in ref:  # the model returns float32 logits, so agreement is to float32 rounding
+        scale = ref[name].abs().max().item()
+        torch.testing.assert_close(big[name], ref[name], rtol=1e-5, atol=1e-6 * scale)
+        torch.testing.assert_close(acc[name], ref[name], rtol=1e-5, atol=1e-6 * scale)
+
+    # The common mistake, averaging each micro-batch's mean, gives a different gradient here.
+    for xb, yb in ((x[:4], y[:4]), (x[4:], y[4:])):
+        (F.cross_entropy(model(xb).flatten(0, 1), yb.flatten(), ignore_index=-100) / 2).backward()
+    naive = grads(model)
+    assert not torch.allclose(naive["tok_emb.weight"], ref["tok_emb.weight"], rtol=1e-3, atol=0)
+
+
+# ----------------------------------------------------------------------------------------- exact resume
+
+def test_resume_is_bitwise_exact(corpus_dir, tmp_path):
+    full = train(make_cfg(corpus_dir, tmp_path / "full"))
+    assert full["steps"] == 6
+
+    # Interrupted run: the time budget stops it after the first step, then two resumes finish it.
+    parts = tmp_path / "parts"
+    first = train(make_cfg(corpus_dir, parts, max_minutes=1e-9))
+    assert first["steps"] == 1 and first["stopped_early"]
+    assert train(make_cfg(corpus_dir, parts, max_steps=4), resume=True)["steps"] == 4
+    last = train(make_cfg(corpus_dir, parts), resume=True)
+    assert last["steps"] == 6 and not last["stopped_early"]
+
+    a = load_file(Path(full["checkpoint"]) / "model.safetensors")
+    b = load_file(Path(last["checkpoint"]) / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    opt_a = ck.load_train_state(full["checkpoint"])["optimizer"]["state"]
+    opt_b = ck.load_train_state(last["checkpoint"])["optimizer"]["state"]
+    for i in opt_a:
+        for key in opt_a[i]:
+            assert torch.equal(opt_a[i][key], opt_b[i][key])
+
+    ma, mb = read_metrics(tmp_path / "full"), read_metrics(parts)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in ma] == [r["loss"] for r in mb]
+    assert [r["lr"] for r in ma] == [r["lr"] for r in mb]
+    val_a = {r["step"]: r["val_loss"] for r in ma if "val_loss" in r}
+    val_b = {r["step"]: r["val_loss"] for r in mb if "val_loss" in r}
+    assert set(val_a) == {3, 6} and val_a[3] == val_b[3] and val_a[6] == val_b[6]
+    assert full["train_loss"] == last["train_loss"] and full["val_loss"] == last["val_loss"]
+
+
+def test_run_outputs(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    summary = train(make_cfg(corpus_dir, out, max_steps=4, eval_interval=2, ckpt_interval=1, tensorboard=True))
+    assert summary["steps"] == 4 and summary["tokens_per_second"] > 0 and summary["wall_time"] > 0
+    assert summary["num_params"] == DecoderLM(ck.read_config(summary["checkpoint"]).model).num_params()
+    assert math.isclose(summary["val_perplexity"], math.exp(summary["val_loss"]), rel_tol=1e-9)
+
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert {"step", "loss", "lr", "tokens_per_second", "elapsed"} <= r.keys()
+    vals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in vals] == [2, 4]
+    for r in vals:
+        assert math.isclose(r["val_perplexity"], math.exp(r["val_loss"]), rel_tol=1e-9)
+    assert records[-1]["val_loss"] == summary["val_loss"]
+    assert all(a["elapsed"] <= b["elapsed"] for a, b in zip(records, records[1:]))
+
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000003", "step_000004"]
+    assert Path(summary["checkpoint"]) == root / "step_000004" == ck.latest_checkpoint(out)
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The checkpoint's config has the vocabulary size taken from the data, and loads for generation.
+    model, cfg, tokenizer = ck.load_model(out)
+    meta = json.loads((Path(cfg.data.data_dir) / "meta.json").read_text())
+    assert cfg.model.vocab_size == meta["vocab_size"] == tokenizer.vocab_size
+
+    # init_from: the same weights, so the same validation loss before any step is taken.
+    again = train(make_cfg(corpus_dir, tmp_path / "init", max_steps=0, init_from=str(out)))
+    assert again["steps"] == 0 and again["val_loss"] == summary["val_loss"]
+
+
+def test_plot_run_writes_png(tmp_path):
+    with pytest.raises(LMForgeError, match="metrics.jsonl"):
+        plot_run(tmp_path)
+    lines = [{"step": s, "loss": 4.0 / s, "lr": 1e-3} for s in range(1, 11)]
+    lines[4]["val_loss"] = 1.5
+    lines[9]["val_loss"] = 1.0
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 11, "lo')
+    png = plot_run(tmp_path)
+    assert png == tmp_path / "loss.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 300 and height > 200
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+def test_refusals_leave_the_run_untouched(corpus_dir, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(LMForgeError, match="no checkpoint to resume"):
+        train(make_cfg(corpus_dir, out, max_steps=2), resume=True)
+    train(make_cfg(corpus_dir, out, max_steps=2))
+    before = snapshot(out)
+
+    with pytest.raises(LMForgeError, match="already holds checkpoints"):
+        train(make_cfg(corpus_dir, out, max_steps=2))
+
+    bigger = make_cfg(corpus_dir, out, max_steps=4)
+    bigger.model.n_layer = 3
+    with pytest.raises(LMForgeError) as e:
+        train(bigger, resume=True)
+    assert "n_layer: 2 in the checkpoint, 3 in the config" in str(e.value) and "\n" not in str(e.value)
+
+    wrong_vocab = make_cfg(corpus_dir, out, max_steps=4)
+    wrong_vocab.model.vocab_size = 7
+    with pytest.raises(LMForgeError, match="vocab_size=7"):
+        train(wrong_vocab, resume=True)
+    assert snapshot(out) == before
+
+    latest = ck.latest_checkpoint(out)
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    before = snapshot(out)
+    with pytest.raises(LMForgeError, match="corrupt or truncated"):
+        train(make_cfg(corpus_dir, out, max_steps=4), resume=True)
+    (latest / "train_state.json").write_text("{")
+    with pytest.raises(LMForgeError, match="not valid JSON"):
+        train(make_cfg(corpus_dir, out, max_steps=4), resume=True)
+    before["checkpoints/step_000002/train_state.json"] = b"{"
+    assert snapshot(out) == before
