@@ -38,6 +38,7 @@ META = "meta.json"
 IN_PROGRESS = "prepare.incomplete"  # exists while prepare writes; marks the outputs as not ours to reuse
 SPLITS = ("train", "val")
 PIECE_BYTES = 1 << 18  # 256 KiB of text per encode task: enough work per task, little memory per batch
+BATCH_PIECES = max(8, 4 * (os.cpu_count() or 1))  # pieces per encode_batch call: keeps every core busy
 BPE_SAMPLE_BYTES = 1 << 30  # train byte-level BPE on at most ~1 GiB of text, spread over the corpus
 
 
@@ -153,27 +154,26 @@ def prepare(cfg: DataConfig, progress: bool = True) -> dict:
     sources = resolve_corpus(cfg.corpus)  # fails early on a missing path
     spec = _tokenizer_spec(cfg)
     tokenizer = _reusable_tokenizer(data_dir, spec, progress)
+    reused = tokenizer is not None
 
     # Pass 1: count characters (and learn the alphabet when training a char tokenizer).
     counts = {"chars": 0, "bytes": 0, "documents": 0}
+    alphabet: set[str] = set()
+    learn_alphabet = tokenizer is None and cfg.tokenizer == "char"
     with _bar(progress, None, "reading") as bar:
-        def texts() -> Iterator[str]:
-            for _, text, last in iter_pieces(cfg.corpus, PIECE_BYTES):
-                n_bytes = len(text.encode("utf-8"))
-                counts["chars"] += len(text)
-                counts["bytes"] += n_bytes
-                counts["documents"] += last
-                bar.update(n_bytes)
-                yield text
-
-        if tokenizer is None and cfg.tokenizer == "char":
-            tokenizer = Tokenizer.train(texts(), "char", special_tokens=cfg.special_tokens,
-                                        byte_fallback=cfg.byte_fallback)
-        else:
-            for _ in texts():
-                pass
+        for _, text, last in iter_pieces(cfg.corpus, PIECE_BYTES):
+            n_bytes = len(text.encode("utf-8"))
+            counts["chars"] += len(text)
+            counts["bytes"] += n_bytes
+            counts["documents"] += last
+            if learn_alphabet:
+                alphabet.update(text)
+            bar.update(n_bytes)
     if counts["chars"] == 0:
         raise LMForgeError(f"the corpus {cfg.corpus} contains no text; give files with some text in them")
+    if learn_alphabet:  # the char tokenizer depends only on the set of characters
+        tokenizer = Tokenizer.train(["".join(sorted(alphabet))], "char", special_tokens=cfg.special_tokens,
+                                    byte_fallback=cfg.byte_fallback)
 
     # Pass 2: byte-level BPE, on an evenly spread sample when the corpus is big.
     if tokenizer is None:
@@ -188,18 +188,18 @@ def prepare(cfg: DataConfig, progress: bool = True) -> dict:
     (data_dir / IN_PROGRESS).touch()
     for old in [data_dir / META, *data_dir.glob("train_*.bin"), *data_dir.glob("val_*.bin")]:
         old.unlink(missing_ok=True)
-    tokenizer.save(data_dir / FILE_NAME)
+    if not reused:
+        tokenizer.save(data_dir / FILE_NAME)
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: ShardWriter(data_dir, split, dtype, cfg.shard_tokens) for split in SPLITS}
     cut = int(counts["chars"] * (1 - cfg.val_fraction))
     eot = None if tokenizer.eot_id is None else np.array([tokenizer.eot_id], dtype=np.int64)
-    batch_size = max(8, 4 * (os.cpu_count() or 1))
     split_chars = {"train": cut, "val": counts["chars"] - cut}
     with _bar(progress, counts["bytes"], f"tokenizing ({tokenizer.kind})") as bar:
         batch: list[tuple[str, str, bool]] = []
         for item in _split_pieces(cfg.corpus, cut):
             batch.append(item)
-            if len(batch) >= batch_size:
+            if len(batch) >= BATCH_PIECES:
                 _encode_and_write(tokenizer, batch, writers, eot, bar)
                 batch = []
         _encode_and_write(tokenizer, batch, writers, eot, bar)
