@@ -183,7 +183,7 @@ def save_checkpoint(
     return final
 
 
-def _step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
+def step_dirs(ckpt_root: Path) -> list[tuple[int, Path]]:
     found = []
     for p in ckpt_root.iterdir() if ckpt_root.is_dir() else []:
         m = _STEP_DIR.match(p.name)
@@ -198,7 +198,7 @@ def _prune(ckpt_root: Path, keep_last: int, keep: str) -> None:
     A doomed directory is first renamed out of the ``step_*`` namespace, so a crash
     mid-delete never leaves a half-deleted directory that looks like a checkpoint.
     """
-    dirs = [p for _, p in _step_dirs(ckpt_root) if p.name != keep]
+    dirs = [p for _, p in step_dirs(ckpt_root) if p.name != keep]
     doomed = dirs[: max(0, len(dirs) - (keep_last - 1))]
     for p in doomed:
         trash = ckpt_root / f".trash_{p.name}_{os.getpid()}"
@@ -228,7 +228,7 @@ def latest_checkpoint(path: str | Path) -> Path:
         name = pointer.read_text(encoding="utf-8").strip()
         if _STEP_DIR.match(name) and (ckpt_root / name).is_dir():
             return ckpt_root / name
-    dirs = _step_dirs(ckpt_root)  # the pointer is missing or stale: fall back to the newest by step
+    dirs = step_dirs(ckpt_root)  # the pointer is missing or stale: fall back to the newest by step
     if dirs:
         return dirs[-1][1]
     raise LMForgeError(f"no checkpoint found in {path}; train first (`lmforge train`) or pass a checkpoint directory")
@@ -236,14 +236,14 @@ def latest_checkpoint(path: str | Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ loading
 
-def _require(ckpt: Path, filename: str, fix: str) -> Path:
+def require_file(ckpt: Path, filename: str, fix: str) -> Path:
     f = ckpt / filename
     if not f.is_file():
         raise LMForgeError(f"checkpoint {ckpt} has no {filename}; {fix}")
     return f
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -255,8 +255,8 @@ def _read_json(path: Path) -> Any:
 def read_config(ckpt: str | Path) -> Config:
     """The Config a checkpoint was trained with."""
     ckpt = Path(ckpt)
-    path = _require(ckpt, CONFIG, "the checkpoint is incomplete; use another one (e.g. the previous step)")
-    raw = _read_json(path)
+    path = require_file(ckpt, CONFIG, "the checkpoint is incomplete; use another one (e.g. the previous step)")
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise LMForgeError(f"{path} does not hold a configuration; the checkpoint is damaged, use another one")
     try:
@@ -271,7 +271,7 @@ def read_config(ckpt: str | Path) -> Config:
 def load_weights(model: nn.Module, ckpt: str | Path, device: str | torch.device = "cpu") -> None:
     """Copy ``model.safetensors`` into ``model``, refusing corrupt files and shape or name mismatches."""
     ckpt = Path(ckpt)
-    path = _require(ckpt, WEIGHTS, "the checkpoint is incomplete; use another one (e.g. the previous step)")
+    path = require_file(ckpt, WEIGHTS, "the checkpoint is incomplete; use another one (e.g. the previous step)")
     try:
         state = load_file(path, device=str(device))
     except Exception as e:  # safetensors reports truncation and bad headers with its own error types
@@ -305,8 +305,8 @@ def load_train_state(ckpt: str | Path) -> dict[str, Any]:
     """Optimizer, RNG and sampler state of a resumable checkpoint, merged into one dict."""
     ckpt = Path(ckpt)
     fix = "it holds weights only; start a new run with --train.init_from to reuse them"
-    pt = _require(ckpt, STATE_PT, fix)
-    info = _read_json(_require(ckpt, STATE_JSON, fix))
+    pt = require_file(ckpt, STATE_PT, fix)
+    info = read_json(require_file(ckpt, STATE_JSON, fix))
     try:
         state = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -333,7 +333,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
     ckpt = latest_checkpoint(path)
     cfg = read_config(ckpt)
-    tok_path = _require(ckpt, TOKENIZER, "copy the tokenizer.json of the data directory it was trained on into it")
+    tok_path = require_file(ckpt, TOKENIZER, "copy the tokenizer.json of the data directory it was trained on into it")
     tokenizer = Tokenizer.load(tok_path)
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise LMForgeError(

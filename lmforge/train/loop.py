@@ -215,9 +215,11 @@ def _check_compatible(ckpt: Path, cfg: Config, what: str) -> None:
             f"cannot {what} {ckpt}: the model shape differs ({'; '.join(diffs)}); "
             f"use the model settings of {ckpt / ckpt_io.CONFIG} or a new train.out_dir"
         )
-    ckpt_tok = ckpt_io._require(ckpt, ckpt_io.TOKENIZER, "copy the tokenizer.json it was trained with into it")
+    ckpt_tok = ckpt_io.require_file(ckpt, ckpt_io.TOKENIZER, "copy the tokenizer.json it was trained with into it")
     data_tok = Path(cfg.data.data_dir) / ckpt_io.TOKENIZER
-    if ckpt_io._read_json(ckpt_tok) != ckpt_io._read_json(data_tok):
+    if not data_tok.is_file():
+        raise LMForgeError(f"{data_tok} is missing; rerun `lmforge prepare` for data.data_dir")
+    if ckpt_io.read_json(ckpt_tok) != ckpt_io.read_json(data_tok):
         raise LMForgeError(
             f"cannot {what} {ckpt}: its tokenizer differs from {data_tok}; "
             "use the data directory the checkpoint was trained on (data.data_dir)"
@@ -239,6 +241,12 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     exactly where it stopped (same weights, optimizer, schedule, data stream and
     RNG). Otherwise ``out_dir`` must hold no checkpoints, and ``init_from`` may
     name a checkpoint whose weights (not optimizer) start the run.
+
+    Returns ``steps`` (optimizer steps done in total), ``train_loss`` (loss of the
+    last step), ``val_loss`` and ``val_perplexity`` (last evaluation),
+    ``tokens_per_second`` (median over logging intervals), ``wall_time`` (seconds,
+    this call), ``num_params``, ``stopped_early`` (the max_minutes budget ran out)
+    and ``checkpoint`` (path of the last checkpoint).
     """
     from lmforge.data.sampler import BlockSampler
     from lmforge.data.shards import TokenDataset
@@ -251,6 +259,9 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     say = tqdm.write if is_main_process else (lambda *_: None)
     device = resolve_device(tcfg.device)
     amp_dtype = resolve_dtype(tcfg.dtype, device)
+    if device.type == "cuda":  # TF32 matmuls for the float32 parts: ~free accuracy-wise, much faster
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     out_dir = Path(tcfg.out_dir)
 
     # Data, and the vocabulary size it implies.
@@ -266,7 +277,7 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     # Every check on earlier checkpoints happens before anything is written.
     resume_from = init_from = state = None
-    existing = ckpt_io._step_dirs(out_dir / ckpt_io.CHECKPOINTS)
+    existing = ckpt_io.step_dirs(out_dir / ckpt_io.CHECKPOINTS)
     if resume:
         if not existing:
             raise LMForgeError(f"no checkpoint to resume in {out_dir}; start without --resume")
@@ -293,7 +304,13 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     sampler = BlockSampler(train_data, mcfg.block_size, tcfg.batch_size, seed=tcfg.seed)
     start_step, elapsed_before = 0, 0.0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise LMForgeError(
+                f"the optimizer state in {resume_from} does not fit this model ({str(e).splitlines()[0]}); "
+                "resume from another checkpoint or start a new run"
+            ) from None
         for group, decay in zip(optimizer.param_groups, (tcfg.weight_decay, 0.0)):
             group["weight_decay"] = decay  # the config may change these on resume
             group["betas"] = (tcfg.beta1, tcfg.beta2)
