@@ -1,0 +1,66 @@
+"""``lmforge eval``: loss and perplexity of a checkpoint on a text file or a data split.
+
+The text is cut into sequential, non-overlapping windows of ``block_size`` tokens, so
+every token (after the first) is predicted exactly once. Loss is the mean negative
+log-likelihood in nats per token; perplexity is its exponential.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.errors import LMForgeError
+
+
+class ArrayDataset:
+    """A token array in memory with the ``TokenDataset`` interface (``len`` and ``window``)."""
+
+    def __init__(self, tokens: np.ndarray):
+        self.tokens = np.asarray(tokens, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        return self.tokens[start:start + length]
+
+
+def text_dataset(path: str | Path, tokenizer) -> ArrayDataset:
+    """Tokenize one UTF-8 file (or any corpus spec that ``iter_documents`` reads) for evaluation."""
+    from lmforge.data.sources import iter_documents
+
+    ids: list[int] = []
+    for _, text in iter_documents([str(path)]):
+        ids.extend(tokenizer.encode(text))
+        if tokenizer.eot_id is not None:
+            ids.append(tokenizer.eot_id)
+    return ArrayDataset(np.array(ids, dtype=np.int64))
+
+
+def evaluate_checkpoint(model, cfg, tokenizer, text_file: str | None = None, split: str = "val",
+                        batch_size: int = 16, max_batches: int | None = None, device: str = "cpu") -> dict:
+    from lmforge.data.shards import TokenDataset
+    from lmforge.train.loop import evaluate
+
+    block = cfg.model.block_size
+    if text_file is not None:
+        dataset = text_dataset(text_file, tokenizer)
+        source = str(text_file)
+    else:
+        data_dir = Path(cfg.data.data_dir)
+        if not (data_dir / "meta.json").is_file():
+            raise LMForgeError(
+                f"the checkpoint's data directory {data_dir} has no prepared data; run from the directory you "
+                f"trained in, run `lmforge prepare` with the same recipe, or pass --file TEXT"
+            )
+        dataset = TokenDataset(data_dir, split)
+        source = f"{data_dir} ({split})"
+    if len(dataset) < block + 1:
+        raise LMForgeError(
+            f"{source} has {len(dataset)} tokens, fewer than one window of {block + 1}; give a longer text"
+        )
+    result = evaluate(model, dataset, block_size=block, batch_size=batch_size, n_batches=max_batches,
+                      seed=None, device=device, dtype=cfg.train.dtype if device != "cpu" else "float32")
+    return {"source": source, **result}
