@@ -167,7 +167,7 @@ def generate(
         for row, prompt in enumerate(prompts):
             seen[row, torch.tensor(prompt, device=device)] = True
 
-    cache = mask = next_pos = logits = None
+    cache = mask = next_pos = chosen = None
     try:
         for step in range(max_new_tokens):
             if cache is None or cache.length >= cache.max_len:
@@ -177,9 +177,9 @@ def generate(
                 still_to_feed = max_new_tokens - step - 1
                 logits, cache, mask, next_pos = _prefill(model, windows, min(block_size, width + still_to_feed), device)
             else:
-                last = torch.tensor([t[-1] for t in tokens], device=device)
+                # Feed the token chosen last step (one per row) at each row's next position.
                 mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.bool, device=device)], dim=1)
-                logits = model(last[:, None], attention_mask=mask, positions=next_pos[:, None], cache=cache)[:, -1]
+                logits = model(chosen[:, None], attention_mask=mask, positions=next_pos[:, None], cache=cache)[:, -1]
                 next_pos = next_pos + 1
 
             chosen = next_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
