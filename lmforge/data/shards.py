@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,6 +147,7 @@ class TokenDataset:
 # ---------------------------------------------------------------------- prepare
 def prepare(cfg: DataConfig, progress: bool = True) -> dict:
     """Tokenize ``cfg.corpus`` into ``cfg.data_dir``; returns the contents of meta.json."""
+    start = time.perf_counter()
     data_dir = Path(cfg.data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -225,8 +227,10 @@ def prepare(cfg: DataConfig, progress: bool = True) -> dict:
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, data_dir / META)
     (data_dir / IN_PROGRESS).unlink()
+    seconds = time.perf_counter() - start
     _log(progress, f"wrote {splits['train']['tokens']:,} train and {splits['val']['tokens']:,} val tokens "
-                   f"({dtype.name}, vocab {tokenizer.vocab_size}) to {data_dir}")
+                   f"({dtype.name}, vocab {tokenizer.vocab_size}) to {data_dir} in {seconds:.1f} s "
+                   f"({counts['bytes'] / 1e6 / seconds:.1f} MB/s)")
     return meta
 
 
@@ -291,8 +295,9 @@ def _reusable_tokenizer(data_dir: Path, spec: dict, progress: bool) -> Tokenizer
 
 
 def _bar(progress: bool, total: int | None, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000, disable=not progress,
-                dynamic_ncols=True, file=sys.stderr)
+    # disable=None: bars only on a terminal, so logs and error output stay clean
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1000,
+                disable=None if progress else True, dynamic_ncols=True, file=sys.stderr)
 
 
 def _log(progress: bool, message: str) -> None:
