@@ -122,12 +122,14 @@ class Tokenizer:
         path = Path(path)
         file = path / FILE_NAME if path.is_dir() else path
         if not file.is_file():
-            raise LMForgeError(f"tokenizer file {file} not found; run `lmforge prepare` or give the path of a tokenizer.json")
+            raise LMForgeError(f"tokenizer file {file} not found; "
+                               "run `lmforge prepare` or give the path of a tokenizer.json")
         try:
             hf = HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises a plain Exception on bad JSON or schema
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise LMForgeError(f"{file} is not a valid tokenizer.json ({first}); recreate it with `lmforge prepare`") from None
+            raise LMForgeError(f"{file} is not a valid tokenizer.json ({first}); "
+                               "recreate it with `lmforge prepare`") from None
         return cls(hf)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -158,7 +160,9 @@ class Tokenizer:
             else:
                 out[i] = ids
         if slow:
-            encodings = self._hf.encode_batch_fast([texts[i] for i in slow], add_special_tokens=False)
+            # encode_batch_fast (tokenizers >= 0.21) skips the offsets we do not use
+            encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+            encodings = encode([texts[i] for i in slow], add_special_tokens=False)
             for i, enc in zip(slow, encodings):
                 ids = np.array(enc.ids, dtype=np.int64)
                 if self.kind == "char" and not self.byte_fallback:

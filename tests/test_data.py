@@ -52,6 +52,8 @@ def test_txt_md_jsonl_folder_glob(tmp_path):
     assert [t for _, t in iter_documents([str(tmp_path / "c/*.txt"), str(tmp_path / "c/**/*.jsonl")])] == \
            ["bee\n", "zed", "中文"]
     assert corpus_bytes([str(tmp_path / "c/b.txt")]) == 4
+    literal = write(tmp_path / "take[1].txt", "brackets\n")  # an existing name is not read as a glob
+    assert list(iter_documents([str(literal)])) == [(str(literal), "brackets\n")]
 
 
 def test_big_file_comes_in_pieces_cut_after_newlines(tmp_path):
@@ -334,6 +336,8 @@ def test_state_restores_the_exact_stream(dataset):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     different = BlockSampler(ds, 32, 4, seed=8)
     assert not torch.equal(different.next_batch()[0], BlockSampler(ds, 32, 4, seed=7).next_batch()[0])
+    negative = BlockSampler(ds, 32, 4, seed=-5)  # any int is a seed
+    assert not torch.equal(negative.next_batch()[0], BlockSampler(ds, 32, 4, seed=5).next_batch()[0])
     with pytest.raises(LMForgeError, match="sampler state"):
         resumed.load_state_dict({"step": 1})
 

@@ -22,6 +22,11 @@ from lmforge.data.shards import TokenDataset
 from lmforge.errors import LMForgeError
 
 
+def _entropy(seed: int) -> int:
+    """numpy seeds must be non-negative; map any Python int onto 64 bits."""
+    return int(seed) & 0xFFFF_FFFF_FFFF_FFFF
+
+
 def _check_length(dataset: TokenDataset, block_size: int) -> None:
     if block_size < 1:
         raise LMForgeError(f"block_size must be at least 1, got {block_size}")
@@ -46,14 +51,15 @@ class BlockSampler:
                  rank: int = 0, world_size: int = 1):
         _check_length(dataset, block_size)
         if batch_size < 1 or not 0 <= rank < world_size:
-            raise LMForgeError(f"invalid sampler setup: batch_size={batch_size}, rank={rank}, world_size={world_size}")
+            raise LMForgeError(f"invalid sampler setup: batch_size={batch_size}, rank={rank}, "
+                               f"world_size={world_size}; need batch_size >= 1 and 0 <= rank < world_size")
         self.dataset, self.block_size, self.batch_size = dataset, block_size, batch_size
-        self.seed, self.rank, self.world_size = int(seed), rank, world_size
+        self.seed, self.rank, self.world_size = int(seed), rank, world_size  # any int, negative too
         self.step = 0  # batches drawn so far
 
     def starts(self, step: int) -> np.ndarray:
         """Start positions of this rank's windows at ``step``."""
-        rng = np.random.Generator(np.random.PCG64([self.seed, step]))
+        rng = np.random.Generator(np.random.PCG64([_entropy(self.seed), step]))
         n_starts = len(self.dataset) - self.block_size  # a window needs block_size + 1 tokens
         every_rank = rng.integers(0, n_starts, size=self.batch_size * self.world_size)
         return every_rank[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
@@ -94,7 +100,7 @@ def eval_batches(dataset: TokenDataset, block_size: int, batch_size: int, n_batc
         for starts in batches[:n_batches]:
             yield _to_xy(dataset, starts, block_size)
         return
-    rng = np.random.Generator(np.random.PCG64(seed))
+    rng = np.random.Generator(np.random.PCG64(_entropy(seed)))
     n_batches = n_batches if n_batches is not None else max(1, -(-len(sequential) // batch_size))
     for _ in range(n_batches):
         yield _to_xy(dataset, rng.integers(0, len(dataset) - block_size, size=batch_size), block_size)

