@@ -32,7 +32,8 @@ def _check_length(dataset: TokenDataset, block_size: int) -> None:
         raise LMForgeError(f"block_size must be at least 1, got {block_size}")
     if len(dataset) < block_size + 1:
         raise LMForgeError(
-            f"the {getattr(dataset, 'split', 'evaluation')} data has {len(dataset)} tokens, fewer than block_size + 1 = {block_size + 1}; "
+            f"the {getattr(dataset, 'split', 'evaluation')} data has {len(dataset)} tokens, "
+            f"fewer than block_size + 1 = {block_size + 1}; "
             "use more text, a larger data.val_fraction or a smaller model.block_size"
         )
 
