@@ -204,6 +204,8 @@ class TrainConfig:
     eval_interval: int = 250
     #: batches averaged for the validation loss
     eval_batches: int = 20
+    #: windows per validation batch (null = batch_size)
+    eval_batch_size: int | None = None
     #: write a checkpoint every this many steps (0 = only at the end)
     ckpt_interval: int = 500
     #: log training metrics every this many steps

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -60,11 +61,34 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_is_faster(n: int = 512, repeats: int = 5) -> bool:
+    """Time one matmul in each dtype: CPUs with AMX or AVX512-BF16 units win in bf16, others lose badly."""
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        best = math.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        timings[dtype] = best
+    return timings[torch.bfloat16] * 1.5 < timings[torch.float32]
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype (float32 = no autocast). auto = bf16 on CUDA GPUs that have it."""
+    """The autocast dtype (float32 = no autocast).
+
+    auto = bf16 on CUDA GPUs that have it, and on CPUs whose bf16 matmuls are measurably
+    faster than float32 (AMX); float32 elsewhere.
+    """
     if name == "auto":
-        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        if device.type == "cpu" and cpu_bf16_is_faster():
+            return torch.bfloat16
+        return torch.float32
     if name == "float16" and device.type != "cuda":
         raise LMForgeError(f"train.dtype=float16 needs a CUDA GPU (device is {device}); use bfloat16 or float32")
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -331,7 +355,8 @@ def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
     log = MetricsLog(out_dir, start_step, tcfg.tensorboard) if is_main_process else None
 
     def run_eval() -> dict[str, float]:
-        return evaluate(model, val_data, mcfg.block_size, tcfg.batch_size, n_batches=tcfg.eval_batches,
+        return evaluate(model, val_data, mcfg.block_size, tcfg.eval_batch_size or tcfg.batch_size,
+                        n_batches=tcfg.eval_batches,
                         seed=tcfg.seed, device=device, dtype=amp_dtype)
 
     # Restore the random streams last, right before the first step draws from them.
