@@ -1,8 +1,9 @@
 """Typed settings for every stage, YAML recipes and ``--section.key=value`` overrides.
 
-A recipe is a YAML file with up to three sections, ``model``, ``data`` and
-``train``, whose keys are the fields of the dataclasses below. Unknown keys and
-values of the wrong type are refused with a one-line :class:`LMForgeError`.
+A recipe is a YAML file with up to four sections, ``model``, ``data``, ``train``
+and (for ``lmforge finetune``) ``task``, whose keys are the fields of the dataclasses
+below. Unknown keys and values of the wrong type are refused with a one-line
+:class:`LMForgeError`.
 The field docstrings (the ``#:`` comments) double as the CLI's ``--help``.
 """
 
@@ -63,9 +64,24 @@ class ModelConfig:
     dropout: float = 0.0
     #: standard deviation of the normal weight initialisation
     init_std: float = 0.02
+    #: architecture: decoder (decoder-only language model) or seq2seq (encoder-decoder, `lmforge finetune`)
+    arch: str = "decoder"
+    #: seq2seq: number of encoder blocks (null = n_layer, which counts the decoder blocks)
+    n_encoder_layer: int | None = None
+    #: norm placement: pre (before each sublayer, GPT-2/Llama) or post (after the residual sum,
+    #: the original Transformer; seq2seq only)
+    norm_position: str = "pre"
+    #: seq2seq: one token embedding for source and target (joint vocabulary); false = separate source embedding
+    share_embeddings: bool = True
 
     def __post_init__(self) -> None:
         _check_choice("model.pos_encoding", self.pos_encoding, ("sinusoidal", "learned", "rotary"))
+        _check_choice("model.arch", self.arch, ("decoder", "seq2seq"))
+        _check_choice("model.norm_position", self.norm_position, ("pre", "post"))
+        if self.norm_position == "post" and self.arch == "decoder":
+            raise LMForgeError("model.norm_position=post is built for arch=seq2seq only; use pre for a decoder")
+        if self.n_encoder_layer is not None and self.n_encoder_layer < 1:
+            raise LMForgeError(f"model.n_encoder_layer must be at least 1, got {self.n_encoder_layer}")
         _check_choice("model.ffn", self.ffn, ("gelu", "gelu_tanh", "swiglu"))
         _check_choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
         for name in ("block_size", "n_layer", "n_head", "d_model", "pad_vocab_multiple"):
@@ -229,18 +245,81 @@ class TrainConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Sequence-to-sequence tasks (`lmforge finetune`): example files, lengths, batches, loss, decoding."""
+
+    #: task: lm (language modelling, `lmforge train`), translation or summarization
+    name: str = "lm"
+    #: training examples: TSV with a header row naming the columns, or JSONL (one object per line)
+    train_file: str | None = None
+    #: validation examples, same format (loss and metric during training, report at the end)
+    valid_file: str | None = None
+    #: TSV column or JSON key of the input text
+    source_key: str = "source"
+    #: TSV column or JSON key of the output text
+    target_key: str = "target"
+    #: put before every source, e.g. a language or task token such as <2es> (made a special token); "" = none
+    source_prefix: str = ""
+    #: use this tokenizer.json instead of training a joint tokenizer on both sides into data.data_dir
+    tokenizer_file: str | None = None
+    #: longest source in tokens (prefix included); longer ones are cut or skipped, and counted
+    max_source_len: int = 256
+    #: longest target in tokens (end token included); longer ones are cut or skipped, and counted
+    max_target_len: int = 128
+    #: over-long examples: truncate (cut to the limits) or skip (leave out)
+    overlong: str = "truncate"
+    #: tokens per micro-batch, padding included (batches are built by length; train.batch_size is unused)
+    batch_tokens: int = 4096
+    #: label smoothing of the cross-entropy, normalised by target tokens (0 = plain maximum likelihood)
+    label_smoothing: float = 0.1
+    #: validation metric logged during training and drawn in <metric>.png: bleu, chrf, rouge1, rouge2, rougeL
+    metric: str = "bleu"
+    #: validation examples decoded for the metric at each evaluation (0 = all)
+    eval_samples: int = 0
+    #: beam size used for the metric during training (1 = greedy, fastest)
+    eval_beam_size: int = 1
+    #: beam size of translate/summarize/eval (1 = greedy)
+    beam_size: int = 4
+    #: beam score = sum of log-probabilities / length ** length_penalty (0 = raw sum; larger favours longer)
+    length_penalty: float = 1.0
+    #: end a beam search once beam_size hypotheses are complete (false: once none can still win)
+    early_stopping: bool = True
+    #: never repeat an n-gram of this size within an output (0 = off)
+    no_repeat_ngram_size: int = 0
+    #: output length limit = max_len_a * source tokens + max_len_b (end token included)
+    max_len_a: float = 1.5
+    #: see max_len_a
+    max_len_b: int = 10
+
+    def __post_init__(self) -> None:
+        _check_choice("task.name", self.name, ("lm", "translation", "summarization"))
+        _check_choice("task.overlong", self.overlong, ("truncate", "skip"))
+        _check_choice("task.metric", self.metric, ("bleu", "chrf", "rouge1", "rouge2", "rougeL"))
+        for name in ("max_source_len", "max_target_len", "batch_tokens", "beam_size", "eval_beam_size"):
+            if getattr(self, name) < 1:
+                raise LMForgeError(f"task.{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_target_len < 2:
+            raise LMForgeError("task.max_target_len must be at least 2 (one token and the end token)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise LMForgeError(f"task.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.max_len_a < 0 or self.max_len_b < 0 or self.max_len_a == self.max_len_b == 0:
+            raise LMForgeError("task.max_len_a and task.max_len_b must not be negative, nor both 0")
+
+
+@dataclass
 class Config:
     """A whole recipe."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "task": TaskConfig}
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -375,7 +454,7 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None,
         except yaml.YAMLError as e:
             raise LMForgeError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
         if not isinstance(loaded, dict):
-            raise LMForgeError(f"recipe {path} must be a mapping with model/data/train sections")
+            raise LMForgeError(f"recipe {path} must be a mapping with model/data/train/task sections")
         for section, values in loaded.items():
             if section not in SECTIONS:
                 raise LMForgeError(f"unknown section '{section}' in {path}; use one of {', '.join(SECTIONS)}")
