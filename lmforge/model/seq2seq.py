@@ -1,0 +1,186 @@
+"""Encoder-decoder Transformer (Vaswani et al. 2017), built from the decoder-only model's pieces.
+
+source ids -> embedding (+ positions) -> n_encoder_layer blocks of bidirectional self-attention
+(source padding masked) -> encoder norm = the memory.
+target ids -> embedding (+ positions) -> n_layer blocks of causal self-attention, cross-attention
+over the memory and feed-forward -> final norm -> output head (tied to the target embedding).
+
+Source and target share one token embedding by default (a joint vocabulary); positions are
+sinusoidal, learned or rotary (rotary on self-attention only); norms sit before each sublayer
+(pre) or after the residual sum (post, the original paper). Weight names follow ``DecoderLM``
+for the decoder side (``tok_emb``, ``pos_emb``, ``blocks``, ``norm_f``, ``lm_head``), so a
+language model's weights can start the decoder (and the encoder) of a translation model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LMForgeError
+from lmforge.model.decoder import DecoderLM
+from lmforge.model.layers import (
+    Block,
+    KVCache,
+    LearnedPositionalEncoding,
+    MultiHeadAttention,
+    PositionalEncoding,
+    RotaryEmbedding,
+    make_norm,
+)
+
+#: a decoder block's memory: the encoder output [B, S, d], or its keys and values projected once
+Memory = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+
+
+class CrossAttention(MultiHeadAttention):
+    """Cross-attention whose keys/values can be projected from the memory once per source.
+
+    During decoding the memory does not change from one step to the next, so
+    :meth:`project` computes its keys and values once and every step passes them in place
+    of the memory. Same weights (and names) as :class:`MultiHeadAttention`.
+    """
+
+    def project(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory [B, S, d] -> keys, values [B, n_head, S, head_dim] (grouped heads repeated)."""
+        B, S, _ = memory.shape
+        k = self.k_proj(memory).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(memory).view(B, S, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.n_kv_head != self.n_head:
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        return k, v
+
+    def forward(self, x: torch.Tensor, memory: Memory, *, key_padding_mask: torch.Tensor | None = None,
+                **_: object) -> torch.Tensor:
+        """x [B, T, d] attends over memory; key_padding_mask bool [B, S], True = real source token."""
+        k, v = self.project(memory) if isinstance(memory, torch.Tensor) else memory
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        mask = None if key_padding_mask is None else key_padding_mask.bool()[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+                                           scale=1.0 / math.sqrt(self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class Seq2SeqBlock(Block):
+    """A :class:`Block` (pre-norm) that can also be post-norm: x = norm(x + sublayer(x)).
+
+    Post-norm is the original Transformer; pre-norm trains more stably without warmup tricks
+    and is the default. Both use the same weights under the same names.
+    """
+
+    def __init__(self, cfg: ModelConfig, cross_attention: bool = False):
+        super().__init__(cfg, cross_attention)
+        if cross_attention:
+            self.cross_attn = CrossAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout)
+        self.post_norm = cfg.norm_position == "post"
+
+    def forward(self, x: torch.Tensor, *, causal: bool = True, key_padding_mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None, memory: Memory | None = None,
+                memory_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.post_norm:
+            return super().forward(x, causal=causal, key_padding_mask=key_padding_mask, rope=rope, cache=cache,
+                                   memory=memory, memory_padding_mask=memory_padding_mask)
+        h = self.attn(x, causal=causal, key_padding_mask=key_padding_mask, rope=rope, cache=cache)
+        x = self.attn_norm(x + self.drop(h))
+        if memory is not None:
+            x = self.cross_norm(x + self.drop(self.cross_attn(x, memory, key_padding_mask=memory_padding_mask)))
+        return self.ffn_norm(x + self.drop(self.ffn(x)))
+
+
+class Seq2SeqLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise LMForgeError("model.vocab_size is 0; set it to the tokenizer's vocabulary size before building the model")
+        self.cfg = cfg
+        self.n_encoder_layer = cfg.n_encoder_layer or cfg.n_layer
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.src_emb = None if cfg.share_embeddings else nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.pos_emb = self.src_pos_emb = self.rotary = None
+        if cfg.pos_encoding == "learned":  # one table per side: source and target positions mean different things
+            self.pos_emb = LearnedPositionalEncoding(cfg.block_size, cfg.d_model)
+            self.src_pos_emb = LearnedPositionalEncoding(cfg.block_size, cfg.d_model)
+        elif cfg.pos_encoding == "sinusoidal":
+            self.pos_emb = self.src_pos_emb = PositionalEncoding(cfg.d_model, cfg.block_size)
+        else:
+            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        # Sinusoids have unit amplitude; embeddings start at init_std. As in the paper (section 3.4)
+        # the embeddings are multiplied by sqrt(d_model) so that positions do not drown the tokens.
+        self.emb_scale = math.sqrt(cfg.d_model) if cfg.pos_encoding == "sinusoidal" else 1.0
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder_blocks = nn.ModuleList(Seq2SeqBlock(cfg) for _ in range(self.n_encoder_layer))
+        self.blocks = nn.ModuleList(Seq2SeqBlock(cfg, cross_attention=True) for _ in range(cfg.n_layer))
+        # Post-norm blocks already end in a norm; pre-norm stacks need one at the top.
+        self.encoder_norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.init_weights()
+
+    # The decoder-only model's initialisation (normal(0, init_std), residual projections scaled by
+    # 1/sqrt(2 * n_layer), unit norms) and its KV cache (one slot per decoder block) serve unchanged.
+    init_weights = DecoderLM.init_weights
+    new_cache = DecoderLM.new_cache
+
+    def _embed(self, ids: torch.Tensor, table: nn.Embedding, pos: nn.Module | None, start: int):
+        T = ids.size(1)
+        if self.rotary is None and start + T > self.cfg.block_size:
+            raise LMForgeError(
+                f"sequence of {start + T} tokens is longer than the model's positions ({self.cfg.block_size}); "
+                "crop it or train with a larger model.block_size"
+            )
+        positions = torch.arange(start, start + T, device=ids.device).unsqueeze(0)
+        x = table(ids) * self.emb_scale if self.emb_scale != 1.0 else table(ids)
+        if pos is not None:
+            x = pos(x, positions)
+        return self.drop(x), (self.rotary(positions) if self.rotary is not None else None)
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """src [B, S] (right-padded), src_mask bool [B, S] (True = real token) -> memory [B, S, d]."""
+        x, rope = self._embed(src, self.src_emb or self.tok_emb, self.src_pos_emb, 0)
+        for block in self.encoder_blocks:
+            x = block(x, causal=False, key_padding_mask=src_mask, rope=rope)
+        return self.encoder_norm(x)
+
+    def project_memory(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each decoder block's cross-attention keys and values, for :meth:`decode` to reuse at every step."""
+        return [block.cross_attn.project(memory) for block in self.blocks]
+
+    def decode(self, tgt: torch.Tensor, memory: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]],
+               memory_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+               last_only: bool = False) -> torch.Tensor:
+        """tgt [B, T] -> float32 logits [B, T, vocab_size] ([B, 1, vocab_size] if last_only).
+
+        memory: the encoder output, or :meth:`project_memory` of it. cache: from ``new_cache``;
+        the new target tokens continue at position cache.length.
+        """
+        start = cache.length if cache is not None else 0
+        x, rope = self._embed(tgt, self.tok_emb, self.pos_emb, start)
+        for i, block in enumerate(self.blocks):
+            mem = memory if isinstance(memory, torch.Tensor) else memory[i]
+            x = block(x, causal=True, rope=rope, cache=cache.layer(i) if cache is not None else None,
+                      memory=mem, memory_padding_mask=memory_mask)
+        if cache is not None:
+            cache.advance(tgt.size(1))
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm_f(x)).float()[..., : self.cfg.vocab_size]
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing: logits [B, T, vocab_size] of the next target token at every target position."""
+        return self.decode(tgt, self.encode(src, src_mask), src_mask)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters (shared tensors counted once); ``exclude_embeddings`` leaves out the lookup tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            tables = [self.tok_emb, self.src_emb, self.pos_emb, self.src_pos_emb]
+            n -= sum(t.weight.numel() for t in tables if isinstance(t, nn.Embedding))
+        return n
