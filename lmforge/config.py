@@ -64,7 +64,8 @@ class ModelConfig:
     dropout: float = 0.0
     #: standard deviation of the normal weight initialisation
     init_std: float = 0.02
-    #: architecture: decoder (decoder-only language model) or seq2seq (encoder-decoder, `lmforge finetune`)
+    #: architecture: decoder (decoder-only language model), seq2seq (encoder-decoder, `lmforge finetune`)
+    #: or encoder (bidirectional, BERT-like: lmforge.model.encoder)
     arch: str = "decoder"
     #: seq2seq: number of encoder blocks (null = n_layer, which counts the decoder blocks)
     n_encoder_layer: int | None = None
@@ -73,13 +74,24 @@ class ModelConfig:
     norm_position: str = "pre"
     #: seq2seq: one token embedding for source and target (joint vocabulary); false = separate source embedding
     share_embeddings: bool = True
+    #: encoder: number of token types (segments), each with a learned embedding (BERT: 2); 0 = none
+    type_vocab_size: int = 0
+    #: encoder: normalise the summed embeddings before the first block (BERT)
+    embed_norm: bool = False
+    #: encoder: a dense + tanh layer over the first token's final state (BERT's pooler)
+    pooler: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("model.pos_encoding", self.pos_encoding, ("sinusoidal", "learned", "rotary"))
-        _check_choice("model.arch", self.arch, ("decoder", "seq2seq"))
+        _check_choice("model.arch", self.arch, ("decoder", "seq2seq", "encoder"))
         _check_choice("model.norm_position", self.norm_position, ("pre", "post"))
         if self.norm_position == "post" and self.arch == "decoder":
-            raise LMForgeError("model.norm_position=post is built for arch=seq2seq only; use pre for a decoder")
+            raise LMForgeError("model.norm_position=post is built for arch=seq2seq and encoder only; use pre for a decoder")
+        if self.arch != "encoder" and (self.type_vocab_size or self.embed_norm or self.pooler):
+            raise LMForgeError("model.type_vocab_size, embed_norm and pooler apply to arch=encoder only; "
+                               "set model.arch=encoder or leave them at 0/false")
+        if self.type_vocab_size < 0:
+            raise LMForgeError(f"model.type_vocab_size must not be negative, got {self.type_vocab_size}")
         if self.n_encoder_layer is not None and self.n_encoder_layer < 1:
             raise LMForgeError(f"model.n_encoder_layer must be at least 1, got {self.n_encoder_layer}")
         _check_choice("model.ffn", self.ffn, ("gelu", "gelu_tanh", "swiglu"))
