@@ -340,7 +340,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
             f"{tok_path} has {tokenizer.vocab_size} tokens but the model in {ckpt} has a vocabulary of "
             f"{cfg.model.vocab_size}; copy the tokenizer.json of the data the model was trained on into {ckpt}"
         )
-    model = DecoderLM(cfg.model)
+    if cfg.model.arch == "encoder":  # an imported BERT-like encoder (lmforge import)
+        from lmforge.model.encoder import EncoderModel
+
+        model = EncoderModel(cfg.model)
+    else:
+        model = DecoderLM(cfg.model)
     load_weights(model, ckpt)
     model.to(device).eval()
     return model, cfg, tokenizer

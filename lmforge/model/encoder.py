@@ -1,0 +1,136 @@
+"""Bidirectional encoder (BERT-like): tokens in, one contextual vector per token out.
+
+token embedding (+ positions) (+ token-type embedding) [-> embedding norm] -> n_layer blocks of
+self-attention without the causal mask (padding keys masked) and feed-forward -> [final norm].
+
+The blocks are the decoder's (``layers.Block`` via ``Seq2SeqBlock``, which adds post-norm), run
+with ``causal=False``. BERT is ``pos_encoding=learned, norm=layernorm, norm_position=post,
+ffn=gelu, bias=True, type_vocab_size=2, embed_norm=True, pooler=True``: post-norm blocks end in
+a norm, so there is no final one. A pre-norm encoder gets a final norm, as the decoder does.
+Checked against ``transformers.BertModel`` in tests/test_encoder.py and tests/test_interop.py.
+Task heads (classification, tagging) sit on top of :class:`EncoderModel` and are not part of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LMForgeError
+from lmforge.model.layers import LearnedPositionalEncoding, PositionalEncoding, RMSNorm, RotaryEmbedding, make_norm
+from lmforge.model.seq2seq import Seq2SeqBlock
+
+
+class Encoder(nn.Module):
+    """The stack of bidirectional blocks: x [B, T, d] -> [B, T, d]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(Seq2SeqBlock(cfg) for _ in range(cfg.n_layer))
+        # Post-norm blocks already end in a norm; a pre-norm stack needs one at the top.
+        self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else None
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """key_padding_mask: bool [B, T], True = real token (padding is never attended to)."""
+        for block in self.blocks:
+            x = block(x, causal=False, key_padding_mask=key_padding_mask, rope=rope)
+        return self.norm_f(x) if self.norm_f is not None else x
+
+
+class EncoderModel(nn.Module):
+    """Embeddings + :class:`Encoder` (+ BERT's pooler): ids [B, T] -> hidden states [B, T, d_model]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size < 1:
+            raise LMForgeError("model.vocab_size is 0; set it to the tokenizer's vocabulary size before building the model")
+        if cfg.arch != "encoder":
+            raise LMForgeError(f"EncoderModel needs model.arch=encoder, got {cfg.arch!r}; build {cfg.arch} models "
+                               "with their own class (lmforge.train.checkpoint.load_model picks it)")
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.pos_emb: nn.Module | None = None
+        self.rotary: RotaryEmbedding | None = None
+        if cfg.pos_encoding == "learned":
+            self.pos_emb = LearnedPositionalEncoding(cfg.block_size, cfg.d_model)
+        elif cfg.pos_encoding == "sinusoidal":
+            self.pos_emb = PositionalEncoding(cfg.d_model, cfg.block_size)
+        else:
+            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = Encoder(cfg)
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model, bias=True) if cfg.pooler else None
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """As ``DecoderLM.init_weights``: normal(0, init_std), residual projections scaled by
+        1/sqrt(2 * n_layer), zero biases, unit norms."""
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if name.endswith(("o_proj", "down_proj")) else std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.reset_parameters()
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """idx [B, T] -> hidden states [B, T, d_model] (BERT's ``last_hidden_state``).
+
+        attention_mask: [B, T], True/1 = real token (padding, e.g. on the right, is never attended
+        to; its own outputs are computed but meaningless). token_type_ids: [B, T] segment ids
+        (default 0). positions: [B, T] (default 0..T-1).
+        """
+        B, T = idx.shape
+        if positions is None:
+            if self.rotary is None and T > self.cfg.block_size:
+                raise LMForgeError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.block_size}); "
+                                   "crop the input to block_size tokens")
+            positions = torch.arange(T, device=idx.device).unsqueeze(0)
+        elif positions.dim() == 1:
+            positions = positions.unsqueeze(0)
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = self.pos_emb(x, positions)
+        if self.type_emb is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(idx)
+            x = x + self.type_emb(token_type_ids)
+        elif token_type_ids is not None:
+            raise LMForgeError("token_type_ids given but the model has no token types (model.type_vocab_size=0); "
+                               "leave them out")
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
+        x = self.drop(x)
+        rope = self.rotary(positions) if self.rotary is not None else None
+        mask = attention_mask.bool() if attention_mask is not None else None
+        return self.encoder(x, key_padding_mask=mask, rope=rope)
+
+    def pool(self, hidden: torch.Tensor) -> torch.Tensor:
+        """BERT's pooled output: tanh(dense(first token's state)) [B, d_model]."""
+        if self.pooler is None:
+            raise LMForgeError("this encoder has no pooler (model.pooler=false); use the hidden states instead")
+        return torch.tanh(self.pooler(hidden[:, 0]))
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            tables = [self.tok_emb, self.pos_emb, self.type_emb]
+            n -= sum(t.weight.numel() for t in tables if isinstance(t, nn.Embedding))
+        return n
