@@ -1,0 +1,12 @@
+"""Hugging Face interoperability: ``lmforge import`` and ``lmforge export``.
+
+Mapped architectures: GPT-2 and Llama (decoders, ``DecoderLM``) and BERT (encoder,
+``EncoderModel``). Every tensor is accounted for and every setting is mapped exactly or refused
+with a message naming it; tests/test_interop.py checks logits and greedy continuations against
+transformers. Encoder-decoder models (Marian) are not mapped yet.
+"""
+
+from lmforge.interop.architectures import ARCHITECTURES
+from lmforge.interop.convert import architecture_for, export_checkpoint, import_checkpoint, supported
+
+__all__ = ["ARCHITECTURES", "architecture_for", "export_checkpoint", "import_checkpoint", "supported"]

@@ -1,0 +1,280 @@
+"""``lmforge import`` and ``lmforge export``: whole checkpoint directories, both ways.
+
+import: config.json + weights + tokenizer of a Hugging Face checkpoint -> an lmforge checkpoint
+directory (model.safetensors, config.json, tokenizer.json) that ``load_model``, ``generate``,
+``eval`` and ``train --train.init_from`` accept. It also holds ``recipe.yaml`` (the model's
+settings, for fine-tuning: ``lmforge train -c OUT_DIR/recipe.yaml --data.corpus=...``) and
+``data/tokenizer.json``, the data directory that recipe prepares into with the same tokenizer.
+
+export: an lmforge checkpoint -> config.json, model.safetensors (sharded past a size, with
+model.safetensors.index.json) and tokenizer.json + tokenizer_config.json +
+special_tokens_map.json, which ``transformers`` loads with its Auto classes.
+
+Both write into a temporary directory beside OUT_DIR and rename it when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from lmforge.config import Config, DataConfig, ModelConfig, TrainConfig
+from lmforge.errors import LMForgeError
+from lmforge.interop.architectures import ARCHITECTURES, Architecture
+from lmforge.interop.hf_files import (
+    HF_CONFIG,
+    TOKENIZER_FILES,
+    import_tokenizer,
+    load_hf_weights,
+    parse_size,
+    read_hf_config,
+    read_json_file,
+    save_hf_weights,
+    special_token,
+)
+from lmforge.interop.mapping import HFConfig, Weights
+
+Log = Callable[[str], None]
+RECIPE = "recipe.yaml"
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+def supported() -> str:
+    return "; ".join(f"{a.model_type} ({a.hf_class}: {a.shape})" for a in ARCHITECTURES.values())
+
+
+def _unsupported(model_type: object, where: str) -> LMForgeError:
+    extra = (" Encoder-decoder models (marian, t5, bart) wait for lmforge's encoder-decoder mapping."
+             if model_type in ("marian", "t5", "bart", "mbart", "pegasus") else "")
+    return LMForgeError(f"{where}: architecture {model_type!r} is not supported; lmforge maps "
+                        f"{', '.join(ARCHITECTURES)}.{extra} Convert a checkpoint of one of these")
+
+
+def _fresh_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise LMForgeError(f"{out_dir} already exists and is not empty; choose a new output directory or remove it")
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    if out_dir.is_dir():
+        out_dir.rmdir()  # empty (checked before): replaced by the complete directory
+    os.rename(tmp, out_dir)
+
+
+def _temp_dir(out_dir: Path) -> Path:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".tmp_{out_dir.name}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """An uninitialised DecoderLM / EncoderModel (memory allocated, values to be loaded)."""
+    from lmforge.model import DecoderLM
+    from lmforge.model.encoder import EncoderModel
+
+    cls = EncoderModel if cfg.arch == "encoder" else DecoderLM
+    with torch.device("meta"):
+        model = cls(cfg)
+    return model.to_empty(device=device)
+
+
+# ------------------------------------------------------------------------------------------------ import
+
+def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tuple[str, ...] = (),
+                      log: Log = print) -> dict:
+    """Convert the Hugging Face checkpoint in ``hf_dir`` into an lmforge checkpoint at ``out_dir``.
+
+    ``drop_prefixes``: tensor-name prefixes to leave out (e.g. ``cls.`` for BERT's pre-training
+    heads); any other tensor without a place in the lmforge model is an error. Returns a summary.
+    """
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.checkpoint import CONFIG, TOKENIZER, WEIGHTS, unique_state_dict
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    if not hf_dir.is_dir():
+        raise LMForgeError(f"{hf_dir} is not a directory; give the directory of a Hugging Face checkpoint")
+    _fresh_out_dir(out_dir)
+    raw = read_hf_config(hf_dir)
+    model_type = raw.get("model_type")
+    arch = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    if arch is None:
+        raise _unsupported(model_type, str(hf_dir / HF_CONFIG))
+    tensors, source = load_hf_weights(hf_dir)
+    mcfg, notes = arch.config_from_hf(HFConfig(raw, model_type), set(tensors))
+    weights = Weights(tensors, str(hf_dir / source), model_type)
+    state = arch.from_hf(weights, mcfg)
+    dropped = weights.check_leftovers(tuple(drop_prefixes))
+
+    model = build_model(mcfg)
+    expected = model.state_dict()
+    for name in expected:  # the mapping's own bookkeeping; a failure here is a bug in it, not in the input
+        assert name in state and tuple(state[name].shape) == tuple(expected[name].shape), name
+    model.load_state_dict(state, strict=True)
+
+    tmp = _temp_dir(out_dir)
+    try:
+        how_tokenizer = import_tokenizer(hf_dir, tmp)
+        tokenizer = Tokenizer.load(tmp / TOKENIZER)
+        if tokenizer.vocab_size != mcfg.vocab_size:
+            raise LMForgeError(
+                f"the tokenizer of {hf_dir} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                f"(config.json vocab_size) is {mcfg.vocab_size}; lmforge needs the two equal, "
+                "so this checkpoint cannot be imported as it is"
+            )
+        out_abs = out_dir.resolve()
+        specials = list(tokenizer.special_tokens)
+        cfg = Config(
+            model=mcfg,
+            data=DataConfig(tokenizer="bpe", vocab_size=max(tokenizer.vocab_size, 256 + len(specials)),
+                            special_tokens=specials, data_dir=str(out_abs / "data")),
+            train=TrainConfig(out_dir=f"{out_abs}-finetune", init_from=str(out_abs)),
+        )
+        save_file(unique_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+        recipe = {"model": {k: v for k, v in cfg.to_dict()["model"].items() if k != "preset"},
+                  "data": {"tokenizer": "bpe", "data_dir": cfg.data.data_dir,
+                           "vocab_size": cfg.data.vocab_size, "special_tokens": specials},
+                  "train": {"init_from": str(out_abs), "out_dir": cfg.train.out_dir}}
+        (tmp / RECIPE).write_text(
+            "# Fine-tune the imported model: lmforge train -c " + str(out_abs / RECIPE) + " --data.corpus=YOUR_TEXT\n"
+            "# (data.data_dir holds the model's tokenizer, so `prepare` tokenizes with it.)\n"
+            + yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        (tmp / "data").mkdir()
+        for name in TOKENIZER_FILES:
+            if (tmp / name).is_file():
+                shutil.copyfile(tmp / name, tmp / "data" / name)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    stored = unique_state_dict(model)
+    n_params = sum(t.numel() for t in stored.values())
+    classes = raw.get("architectures") or [arch.hf_class]
+    log(f"import {hf_dir} ({model_type}: {', '.join(map(str, classes))}, {source}) -> {out_dir}")
+    log(f"  model: {mcfg.arch}, {mcfg.n_layer} layers, d_model {mcfg.d_model}, {mcfg.n_head} heads"
+        f"{f' ({mcfg.kv_heads} key/value)' if mcfg.kv_heads != mcfg.n_head else ''}, vocab {mcfg.vocab_size}, "
+        f"{mcfg.pos_encoding} positions, {mcfg.norm} ({mcfg.norm_position}-norm), {mcfg.ffn}, "
+        f"{'tied' if mcfg.tie_embeddings else 'untied'} head{', pooler' if mcfg.pooler else ''}; {n_params:,} parameters")
+    log(f"  mapped {len(tensors) - len(dropped) - len(weights.buffers)} checkpoint tensors onto {len(stored)} lmforge "
+        f"tensors{' (the head tied to the embedding)' if mcfg.arch == 'decoder' and mcfg.tie_embeddings else ''}")
+    if weights.converted:
+        log("  upcast to float32 (exact): " + ", ".join(f"{n} {k}" for k, n in weights.converted.items()) + " tensors")
+    if weights.buffers:
+        log(f"  checked and recomputed {len(weights.buffers)} buffers (e.g. {weights.buffers[0]})")
+    if dropped:
+        log(f"  left out {len(dropped)} tensors as asked (--drop-prefix): {', '.join(dropped[:4])}"
+            f"{' ...' if len(dropped) > 4 else ''}")
+    for note in notes:
+        log(f"  note: {note}")
+    log(f"  tokenizer: {how_tokenizer} ({tokenizer.vocab_size} tokens)")
+    if mcfg.arch == "decoder":
+        log(f"  use: lmforge generate {out_dir} --prompt ...; fine-tune: lmforge train -c {out_dir / RECIPE} "
+            "--data.corpus=YOUR_TEXT")
+    return {"architecture": model_type, "out_dir": str(out_dir), "tensors": len(stored), "dropped": dropped,
+            "buffers": list(weights.buffers), "converted": dict(weights.converted), "notes": notes,
+            "num_params": n_params}
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+def architecture_for(cfg: ModelConfig, where: str) -> Architecture:
+    """The Hugging Face architecture that expresses ``cfg`` exactly, or a clear refusal."""
+    if cfg.arch == "encoder":
+        arch = ARCHITECTURES["bert"]
+    elif cfg.arch == "decoder" and cfg.pos_encoding == "learned":
+        arch = ARCHITECTURES["gpt2"]
+    elif cfg.arch == "decoder" and cfg.pos_encoding == "rotary":
+        arch = ARCHITECTURES["llama"]
+    elif cfg.arch == "decoder":
+        raise LMForgeError(
+            f"{where}: pos_encoding={cfg.pos_encoding} has no exact Hugging Face equivalent among the architectures "
+            f"lmforge maps ({supported()}); train with pos_encoding=learned (gpt2) or rotary (llama) to export"
+        )
+    else:
+        raise LMForgeError(f"{where}: model.arch={cfg.arch} cannot be exported yet (encoder-decoder models such as "
+                           f"Marian are not mapped); lmforge exports {supported()}")
+    problems = arch.export_problems(cfg)
+    if problems:
+        raise LMForgeError(
+            f"{where}: cannot be exported exactly as {arch.model_type} ({arch.shape}): {'; '.join(problems)}; "
+            f"lmforge exports {', '.join(ARCHITECTURES)}, so change these settings to export"
+        )
+    return arch
+
+
+def _token_ids(tokenizer, tok_config: dict | None, decoder: bool) -> tuple[dict, dict]:
+    """bos/eos/pad ids for config.json and the special-token names for the tokenizer files."""
+    names = {}
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"):
+        text = special_token(tok_config, key)
+        if text is not None and tokenizer.token_to_id(text) is not None:
+            names[key] = text
+    if tok_config is None and decoder and tokenizer.eot_id is not None:
+        eot = tokenizer.id_to_token(tokenizer.eot_id)
+        names.update(bos_token=eot, eos_token=eot)  # GPT-2's convention: one end-of-text token for both
+    ids = {short: tokenizer.token_to_id(names[f"{short}_token"]) for short in ("bos", "eos", "pad")
+           if f"{short}_token" in names}
+    return ids, names
+
+
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+                      log: Log = print) -> dict:
+    """Write the lmforge checkpoint ``ckpt_dir`` (or a run directory's latest) as a Hugging Face checkpoint."""
+    from lmforge.train.checkpoint import TOKENIZER, latest_checkpoint, load_model
+
+    out_dir = Path(out_dir)
+    max_bytes = parse_size(max_shard_size)
+    _fresh_out_dir(out_dir)
+    ckpt = latest_checkpoint(ckpt_dir)
+    model, cfg, tokenizer = load_model(ckpt)
+    mcfg = cfg.model
+    arch = architecture_for(mcfg, str(ckpt))
+    hf_state, notes = arch.to_hf(model.state_dict(), mcfg)
+    hf_state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in hf_state.items()}
+    if mcfg.padded_vocab_size != mcfg.vocab_size:
+        notes.append(f"the embedding's {mcfg.padded_vocab_size - mcfg.vocab_size} padding rows "
+                     f"(pad_vocab_multiple={mcfg.pad_vocab_multiple}, never produced) are left out: vocab {mcfg.vocab_size}")
+    tok_config = read_json_file(ckpt / "tokenizer_config.json", "tokenizer setting") \
+        if (ckpt / "tokenizer_config.json").is_file() else None
+    ids, names = _token_ids(tokenizer, tok_config, mcfg.arch == "decoder")
+    hf_config = {**arch.config_to_hf(mcfg, ids), "dtype": "float32"}
+
+    tmp = _temp_dir(out_dir)
+    try:
+        files = save_hf_weights(hf_state, tmp, max_bytes)
+        (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
+        shutil.copyfile(ckpt / TOKENIZER, tmp / TOKENIZER)
+        if tok_config is not None:  # the imported model's own settings (casing, special tokens, lengths)
+            shutil.copyfile(ckpt / "tokenizer_config.json", tmp / "tokenizer_config.json")
+        else:
+            tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": mcfg.block_size,
+                          "clean_up_tokenization_spaces": False, **names}
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
+        if (ckpt / "special_tokens_map.json").is_file():
+            shutil.copyfile(ckpt / "special_tokens_map.json", tmp / "special_tokens_map.json")
+        else:
+            (tmp / "special_tokens_map.json").write_text(json.dumps(names, indent=2) + "\n", encoding="utf-8")
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    total = sum(t.numel() for t in hf_state.values())
+    log(f"export {ckpt} -> {out_dir} as {arch.model_type} ({arch.hf_class}; load with transformers' Auto classes)")
+    log(f"  {len(hf_state)} tensors, {total:,} values, float32, in {', '.join(f for f in files if f.endswith('.safetensors'))}"
+        f"{' + model.safetensors.index.json' if len(files) > 1 else ''}")
+    for note in notes:
+        log(f"  note: {note}")
+    log(f"  tokenizer: tokenizer.json, tokenizer_config.json, special_tokens_map.json ({tokenizer.vocab_size} tokens)")
+    return {"architecture": arch.model_type, "out_dir": str(out_dir), "files": files, "tensors": len(hf_state),
+            "notes": notes}

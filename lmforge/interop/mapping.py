@@ -1,0 +1,128 @@
+"""What every architecture's mapping shares: strict tensor bookkeeping and config reading.
+
+A mapping must account for every tensor: each Hugging Face tensor is taken exactly once, with
+the shape its config.json implies, or checked as a buffer that lmforge recomputes (a causal mask,
+position ids, rotary frequencies). Whatever is left over is an error unless the user named its
+prefix to leave out. Nothing is guessed: a missing tensor, a wrong shape, or a setting lmforge
+cannot reproduce exactly stops the conversion with the name of what is wrong.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.errors import LMForgeError
+
+
+class Weights:
+    """The tensors of a Hugging Face checkpoint, taken one by one by a mapping."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], source: str, arch: str):
+        self.tensors = dict(tensors)
+        self.source, self.arch = source, arch
+        self.converted: dict[str, int] = {}  # dtype name -> tensors upcast to float32
+        self.buffers: list[str] = []
+
+    def prefix_of(self, *candidates: str) -> str:
+        """The first prefix (e.g. 'transformer.') that some tensor name starts with, else ''."""
+        for p in candidates:
+            if any(name.startswith(p) for name in self.tensors):
+                return p
+        return ""
+
+    def rename(self, fn: Callable[[str], str]) -> None:
+        self.tensors = {fn(k): v for k, v in self.tensors.items()}
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The tensor ``name`` as float32, removed from the pool; refused if absent or of another shape."""
+        if name not in self.tensors:
+            raise LMForgeError(
+                f"{self.source} lacks tensor {name!r} (shape {tuple(shape)}) that the {self.arch} config.json implies; "
+                "the weights are incomplete or belong to another config.json"
+            )
+        t = self.tensors.pop(name)
+        if tuple(t.shape) != tuple(shape):
+            raise LMForgeError(
+                f"{self.source}: tensor {name!r} has shape {tuple(t.shape)} but the {self.arch} config.json implies "
+                f"{tuple(shape)}; the weights belong to another config.json"
+            )
+        if not t.is_floating_point():
+            raise LMForgeError(f"{self.source}: tensor {name!r} has dtype {t.dtype}, not a floating-point weight; "
+                               "the checkpoint is damaged")
+        if t.dtype != torch.float32:  # half and bfloat16 values are all exact in float32
+            key = str(t.dtype).removeprefix("torch.")
+            self.converted[key] = self.converted.get(key, 0) + 1
+            t = t.float()
+        return t.contiguous()
+
+    def buffer(self, name: str, expected: torch.Tensor, what: str) -> None:
+        """A stored buffer that lmforge recomputes: accepted (and consumed) only if it holds the standard values."""
+        if name not in self.tensors:
+            return
+        t = self.tensors.pop(name)
+        same = tuple(t.shape) == tuple(expected.shape) and (
+            torch.allclose(t.double(), expected.double(), rtol=1e-5, atol=1e-6) if t.is_floating_point()
+            else torch.equal(t.long(), expected.long()))
+        if not same:
+            raise LMForgeError(
+                f"{self.source}: buffer {name!r} ({what}) differs from the standard one that lmforge computes; "
+                f"this {self.arch} variant cannot be mapped exactly"
+            )
+        self.buffers.append(name)
+
+    def check_leftovers(self, drop_prefixes: tuple[str, ...] = ()) -> list[str]:
+        """Names dropped by the user's prefixes; any other leftover is an error."""
+        dropped = [n for n in self.tensors if drop_prefixes and n.startswith(drop_prefixes)]
+        rest = sorted(n for n in self.tensors if n not in dropped)
+        if rest:
+            shown = ", ".join(repr(n) for n in rest[:4]) + (f" and {len(rest) - 4} more" if len(rest) > 4 else "")
+            prefix = rest[0].split(".")[0] + "."
+            raise LMForgeError(
+                f"{self.source} holds {len(rest)} tensor(s) that the {self.arch} mapping has no place for ({shown}); "
+                f"if they are a task head you do not need, leave them out with --drop-prefix {prefix}"
+            )
+        return dropped
+
+
+class HFConfig:
+    """A Hugging Face config.json with required keys, defaults as transformers uses them, and refusals."""
+
+    def __init__(self, raw: dict, arch: str):
+        self.raw, self.arch = raw, arch
+
+    def need(self, key: str) -> Any:
+        value = self.raw.get(key)
+        if value is None:
+            raise LMForgeError(f"config.json of this {self.arch} checkpoint has no {key!r}; the file is incomplete")
+        return value
+
+    def get(self, key: str, default: Any) -> Any:
+        value = self.raw.get(key)
+        return default if value is None else value
+
+    def refuse(self, key: str, value: Any, reason: str) -> None:
+        raise LMForgeError(f"{self.arch} with {key}={value!r} cannot be mapped exactly: {reason}")
+
+
+def model_config(**kw: Any) -> ModelConfig:
+    try:
+        return ModelConfig(pad_vocab_multiple=1, **kw)
+    except LMForgeError as e:
+        raise LMForgeError(f"the checkpoint's config.json gives an lmforge model that is not valid: {e}") from None
+
+
+def rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n rows of a (possibly vocabulary-padded) table."""
+    return t[:n].contiguous()
+
+
+def bias_or_zeros(state: dict[str, torch.Tensor], name: str, size: int) -> torch.Tensor:
+    """A bias from the lmforge state dict, or zeros where the model has none (bias=false): the same output."""
+    t = state.get(name)
+    return t if t is not None else torch.zeros(size)
