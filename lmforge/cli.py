@@ -125,6 +125,22 @@ def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:
     print(plot_run(args.run_dir))
 
 
+def cmd_import(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.interop import import_checkpoint
+
+    if overrides:
+        raise LMForgeError(f"unknown option {overrides[0]!r} for import; see `lmforge import --help`")
+    import_checkpoint(args.hf_dir, args.out_dir, drop_prefixes=tuple(args.drop_prefix))
+
+
+def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.interop import export_checkpoint
+
+    if overrides:
+        raise LMForgeError(f"unknown option {overrides[0]!r} for export; see `lmforge export --help`")
+    export_checkpoint(args.checkpoint, args.out_dir, max_shard_size=args.max_shard_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -192,6 +208,30 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl and print its path.")
     p.add_argument("run_dir", nargs="?", default=DEFAULT_RUN, help=f"run directory (default: {DEFAULT_RUN})")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("import", help="turn a Hugging Face checkpoint (gpt2, llama, bert) into an lmforge checkpoint",
+                       description="Convert a local Hugging Face checkpoint directory (config.json, model.safetensors "
+                                   "or pytorch_model.bin, possibly sharded, and its tokenizer) into an lmforge "
+                                   "checkpoint that generate, eval and train --train.init_from accept. Maps GPT-2, "
+                                   "Llama and BERT exactly; anything else is refused with the reason. A .bin file is "
+                                   "read with torch.load(weights_only=True): tensors only, never code.")
+    p.add_argument("hf_dir", help="Hugging Face checkpoint directory")
+    p.add_argument("out_dir", help="new lmforge checkpoint directory (must not exist or be empty)")
+    p.add_argument("--drop-prefix", action="append", default=[], metavar="PREFIX",
+                   help="leave out tensors whose names start with PREFIX (e.g. cls. for BERT's pre-training heads); "
+                        "repeatable. Without it every tensor must find its place")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="write an lmforge checkpoint in the Hugging Face format",
+                       description="Write config.json, model.safetensors (sharded past --max-shard-size, with "
+                                   "model.safetensors.index.json) and the tokenizer files, so that transformers' "
+                                   "Auto classes load the model and give the same outputs. GPT-2-style models export "
+                                   "as gpt2, Llama-style as llama, encoders as bert; other settings are refused.")
+    p.add_argument("checkpoint", help="lmforge run directory or checkpoint directory")
+    p.add_argument("out_dir", help="new output directory (must not exist or be empty)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file before the weights are split into shards (default: 5GB)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
