@@ -244,6 +244,14 @@ class TrainConfig:
     init_from: str | None = None
     #: show the progress bar
     progress: bool = True
+    #: data parallelism under torchrun: auto (ddp when a full replica fits a GPU, else fsdp), ddp, or fsdp (FSDP2, sharded per block); one process ignores it
+    strategy: str = "auto"
+    #: how train.dtype is applied: autocast (float32 weights, torch.autocast; any strategy) or fsdp (FSDP2 gathers weights in train.dtype; ddp and one process fall back to autocast)
+    mixed_precision: str = "autocast"
+    #: dtype of the gradient reduction with mixed_precision=fsdp: float32 or bfloat16
+    reduce_dtype: str = "float32"
+    #: recompute each block's activations in the backward pass instead of keeping them (less memory, ~1/3 more compute)
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
