@@ -84,7 +84,10 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.n
     cls = EncoderModel if cfg.arch == "encoder" else DecoderLM
     with torch.device("meta"):
         model = cls(cfg)
-    return model.to_empty(device=device)
+    model = model.to_empty(device=device)
+    if cfg.arch == "decoder" and cfg.tie_embeddings:  # to_empty gives each module its own tensor: tie again
+        model.lm_head.weight = model.tok_emb.weight
+    return model
 
 
 # ------------------------------------------------------------------------------------------------ import
@@ -119,6 +122,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tu
     for name in expected:  # the mapping's own bookkeeping; a failure here is a bug in it, not in the input
         assert name in state and tuple(state[name].shape) == tuple(expected[name].shape), name
     model.load_state_dict(state, strict=True)
+    assert not (mcfg.arch == "decoder" and mcfg.tie_embeddings) or model.lm_head.weight is model.tok_emb.weight
 
     tmp = _temp_dir(out_dir)
     try:

