@@ -7,6 +7,14 @@ transformers. Encoder-decoder models (Marian) are not mapped yet.
 """
 
 from lmforge.interop.architectures import ARCHITECTURES
-from lmforge.interop.convert import architecture_for, export_checkpoint, import_checkpoint, supported
+from lmforge.interop.convert import (
+    architecture_for,
+    export_checkpoint,
+    from_transformers,
+    import_checkpoint,
+    model_from_hf,
+    supported,
+)
 
-__all__ = ["ARCHITECTURES", "architecture_for", "export_checkpoint", "import_checkpoint", "supported"]
+__all__ = ["ARCHITECTURES", "architecture_for", "export_checkpoint", "from_transformers", "import_checkpoint",
+           "model_from_hf", "supported"]

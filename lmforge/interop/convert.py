@@ -92,6 +92,37 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.n
 
 # ------------------------------------------------------------------------------------------------ import
 
+def model_from_hf(raw_config: dict, tensors: dict[str, torch.Tensor], source: str = "the checkpoint",
+                  drop_prefixes: tuple[str, ...] = ()) -> tuple[torch.nn.Module, ModelConfig, dict]:
+    """The lmforge model (float32, eval mode) equal to a Hugging Face config dict + state dict.
+
+    Refuses what it cannot map exactly (see :mod:`lmforge.interop.mapping`). The info dict holds
+    the architecture, the :class:`Weights` bookkeeping, the dropped tensor names and notes.
+    """
+    model_type = raw_config.get("model_type")
+    arch = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    if arch is None:
+        raise _unsupported(model_type, source)
+    mcfg, notes = arch.config_from_hf(HFConfig(raw_config, model_type), set(tensors))
+    weights = Weights(tensors, source, model_type)
+    state = arch.from_hf(weights, mcfg)
+    dropped = weights.check_leftovers(tuple(drop_prefixes))
+    model = build_model(mcfg)
+    expected = model.state_dict()
+    for name in expected:  # the mapping's own bookkeeping; a failure here is a bug in it, not in the input
+        assert name in state and tuple(state[name].shape) == tuple(expected[name].shape), name
+    model.load_state_dict(state, strict=True)
+    assert not (mcfg.arch == "decoder" and mcfg.tie_embeddings) or model.lm_head.weight is model.tok_emb.weight
+    info = {"architecture": model_type, "weights": weights, "dropped": dropped, "notes": notes}
+    return model.eval(), mcfg, info
+
+
+def from_transformers(hf_model: torch.nn.Module) -> torch.nn.Module:
+    """An lmforge copy of an in-memory transformers model (GPT2LMHeadModel, LlamaForCausalLM, BertModel)."""
+    state = {k: v.detach() for k, v in hf_model.state_dict().items()}
+    return model_from_hf(hf_model.config.to_dict(), state, type(hf_model).__name__)[0]
+
+
 def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tuple[str, ...] = (),
                       log: Log = print) -> dict:
     """Convert the Hugging Face checkpoint in ``hf_dir`` into an lmforge checkpoint at ``out_dir``.
@@ -108,21 +139,11 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tu
     _fresh_out_dir(out_dir)
     raw = read_hf_config(hf_dir)
     model_type = raw.get("model_type")
-    arch = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
-    if arch is None:
-        raise _unsupported(model_type, str(hf_dir / HF_CONFIG))
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        raise _unsupported(model_type, str(hf_dir / HF_CONFIG))  # before reading any weights
     tensors, source = load_hf_weights(hf_dir)
-    mcfg, notes = arch.config_from_hf(HFConfig(raw, model_type), set(tensors))
-    weights = Weights(tensors, str(hf_dir / source), model_type)
-    state = arch.from_hf(weights, mcfg)
-    dropped = weights.check_leftovers(tuple(drop_prefixes))
-
-    model = build_model(mcfg)
-    expected = model.state_dict()
-    for name in expected:  # the mapping's own bookkeeping; a failure here is a bug in it, not in the input
-        assert name in state and tuple(state[name].shape) == tuple(expected[name].shape), name
-    model.load_state_dict(state, strict=True)
-    assert not (mcfg.arch == "decoder" and mcfg.tie_embeddings) or model.lm_head.weight is model.tok_emb.weight
+    model, mcfg, info = model_from_hf(raw, tensors, str(hf_dir / source), drop_prefixes)
+    model_type, weights, dropped, notes = info["architecture"], info["weights"], info["dropped"], info["notes"]
 
     tmp = _temp_dir(out_dir)
     try:
@@ -163,7 +184,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tu
 
     stored = unique_state_dict(model)
     n_params = sum(t.numel() for t in stored.values())
-    classes = raw.get("architectures") or [arch.hf_class]
+    classes = raw.get("architectures") or [ARCHITECTURES[model_type].hf_class]
     log(f"import {hf_dir} ({model_type}: {', '.join(map(str, classes))}, {source}) -> {out_dir}")
     log(f"  model: {mcfg.arch}, {mcfg.n_layer} layers, d_model {mcfg.d_model}, {mcfg.n_head} heads"
         f"{f' ({mcfg.kv_heads} key/value)' if mcfg.kv_heads != mcfg.n_head else ''}, vocab {mcfg.vocab_size}, "
