@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,7 +57,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
         cfg.train.progress = False
     summary = train(cfg, resume=args.resume)
     shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
-    print(json.dumps(shown, indent=2, default=str))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process trains; one prints
+        print(json.dumps(shown, indent=2, default=str))
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -123,6 +125,35 @@ def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:
         raise LMForgeError(f"unknown option {overrides[0]!r} for plot; see `lmforge plot --help`")
     print(plot_run(args.run_dir))
+
+
+def cmd_plan(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.config import ModelConfig, build_section, load_config, parse_overrides
+    from lmforge.plan import Cluster, format_plan, make_plan
+
+    cfg = load_config(args.config, overrides)
+    if args.preset:  # the preset's model, not the recipe's, with --model.* overrides on top
+        cfg.model = build_section(ModelConfig, {"preset": args.preset, **parse_overrides(overrides).get("model", {})},
+                                  "model")
+    note = None
+    if cfg.model.vocab_size == 0:  # normally taken from the tokenizer: read it, or estimate it
+        meta = Path(cfg.data.data_dir) / "meta.json"
+        if meta.is_file():
+            cfg.model.vocab_size = int(json.loads(meta.read_text(encoding="utf-8"))["vocab_size"])
+        elif cfg.data.tokenizer == "bpe":
+            cfg.model.vocab_size = cfg.data.vocab_size
+        else:
+            cfg.model.vocab_size = 256 + len(cfg.data.special_tokens) + 128
+            note = (f"vocabulary size estimated as {cfg.model.vocab_size} (no {meta}); run `lmforge prepare` "
+                    "or pass --model.vocab_size=N for the exact figure")
+    memory = args.gpu_memory * 1e9 if args.gpu_memory else None
+    plan = make_plan(cfg, Cluster(gpu=args.gpu, count=args.gpus, memory=memory), mfu=args.mfu)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return
+    print(format_plan(plan))
+    if note:
+        print(f"note: {note}")
 
 
 def cmd_import(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -208,6 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl and print its path.")
     p.add_argument("run_dir", nargs="?", default=DEFAULT_RUN, help=f"run directory (default: {DEFAULT_RUN})")
     p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("plan", help="parameters, FLOPs, memory per GPU and time per step on a cluster",
+                       description="For a recipe (or --preset) on a cluster: parameters, training FLOPs per token, "
+                                   "memory per GPU for DDP and FSDP (weights, gradients, AdamW state, activations "
+                                   "with and without activation checkpointing), the largest micro-batch that fits, "
+                                   "and the time per step at a given MFU. Arithmetic only: nothing is built or run.",
+                       epilog=_config_epilog(), formatter_class=fmt)
+    _add_recipe_args(p)
+    p.add_argument("--preset", default=None, help="plan this model preset instead of the recipe's model "
+                                                  "(cpu-demo, small, gpt2-124m, gpt2-350m, llama-1b, ...)")
+    p.add_argument("--gpu", default="H100", help="GPU type: H100, H100 PCIe, H100 NVL, H200, A100, or any name "
+                                                 "with --gpu-memory (default: H100)")
+    p.add_argument("--gpus", type=int, default=8, help="number of GPUs, all nodes together (default: 8)")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                   help="memory per GPU in GB (default: the GPU type's)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to expect (default: 0.4)")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("import", help="turn a Hugging Face checkpoint (gpt2, llama, bert) into an lmforge checkpoint",
                        description="Convert a local Hugging Face checkpoint directory (config.json, model.safetensors "
