@@ -14,6 +14,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 import venv
 from pathlib import Path
 
@@ -49,8 +50,9 @@ def main() -> None:
     extra = sys.argv[2:]
     install()
     if what == "demo":
-        run(BIN / "lmforge", "train", *extra)
-        run(BIN / "lmforge", "generate", "--prompt", "ROMEO:", "--max-new-tokens", "400")
+        out_dir = "runs/demo-" + time.strftime("%Y%m%d-%H%M%S")  # a new run each time, never overwriting one
+        run(BIN / "lmforge", "train", f"--train.out_dir={out_dir}", *extra)
+        run(BIN / "lmforge", "generate", out_dir, "--prompt", "ROMEO:", "--max-new-tokens", "400")
     elif what == "test":
         run(PY, "-m", "pytest", "-q", *extra)
     elif what == "install":
