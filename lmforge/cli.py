@@ -1,4 +1,4 @@
-"""``lmforge <command>``: prepare, train, generate, eval, plot.
+"""``lmforge <command>``: prepare, train, generate, eval, plot, finetune, translate, summarize.
 
 Every command works with no arguments on the bundled Shakespeare corpus, and
 every problem the user can fix is reported as one line on stderr with exit code 2.
@@ -53,6 +53,9 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.train.loop import train
 
     cfg = _load(args, overrides)
+    if cfg.model.arch == "seq2seq" or cfg.task.name != "lm":
+        raise LMForgeError("this recipe is a translation/summarization task; train it with `lmforge finetune "
+                           f"{cfg.task.name if cfg.task.name != 'lm' else 'translation'} -c RECIPE`")
     if args.quiet:
         cfg.train.progress = False
     summary = train(cfg, resume=args.resume)
@@ -84,6 +87,11 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
 
     if overrides:
         raise LMForgeError(f"unknown option {overrides[0]!r} for generate; see `lmforge generate --help`")
+    from lmforge.tasks.model import COMMANDS, checkpoint_task
+
+    task = checkpoint_task(args.checkpoint)
+    if task != "lm":
+        raise LMForgeError(f"{args.checkpoint} is a {task} checkpoint; use `lmforge {COMMANDS[task]}` with it")
     model, cfg, tokenizer = load_model(args.checkpoint, device=args.device)
     prompts = _read_prompts(args) * args.num_samples
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
@@ -113,6 +121,10 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
 
     if overrides:
         raise LMForgeError(f"unknown option {overrides[0]!r} for eval; see `lmforge eval --help`")
+    from lmforge.tasks.model import checkpoint_task
+
+    if checkpoint_task(args.checkpoint) != "lm":  # a translation or summarization checkpoint
+        return _eval_task(args)
     model, cfg, tokenizer = load_model(args.checkpoint, device=args.device)
     result = evaluate_checkpoint(model, cfg, tokenizer, text_file=args.file, split=args.split,
                                  batch_size=args.batch_size, max_batches=args.max_batches, device=args.device)
@@ -170,6 +182,132 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
     if overrides:
         raise LMForgeError(f"unknown option {overrides[0]!r} for export; see `lmforge export --help`")
     export_checkpoint(args.checkpoint, args.out_dir, max_shard_size=args.max_shard_size)
+
+
+# ---------------------------------------------------------------------------------------- tasks (seq2seq)
+
+def _check_overrides(command: str, overrides: list[str]) -> None:
+    bad = [r for r in overrides if not r.lstrip("-").split("=", 1)[0].count(".")]
+    if bad:
+        raise LMForgeError(f"unrecognized argument {bad[0]!r} for {command}; recipe overrides look like "
+                           "--task.beam_size=5, see `lmforge " + command + " --help`")
+
+
+def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.config import load_config
+    from lmforge.tasks import TASKS
+    from lmforge.tasks.trainer import finetune
+
+    _check_overrides("finetune", overrides)
+    spec = TASKS[args.task]
+    base = {"task": {"name": spec.NAME, "source_key": spec.SOURCE_KEY, "target_key": spec.TARGET_KEY,
+                     "metric": spec.METRICS[0]}}
+    cfg = load_config(args.config or spec.RECIPE, overrides, base=base)
+    if cfg.task.name != spec.NAME:
+        raise LMForgeError(f"recipe {args.config!r} is for task {cfg.task.name!r}, not {spec.NAME}; "
+                           f"use a {spec.NAME} recipe (e.g. {spec.RECIPE})")
+    for flag, key in (("train", "train_file"), ("valid", "valid_file")):
+        if getattr(args, flag) is not None:
+            setattr(cfg.task, key, getattr(args, flag) or None)
+    if args.init_from:
+        cfg.train.init_from = args.init_from
+    if args.quiet:
+        cfg.train.progress = False
+    summary = finetune(cfg, resume=args.resume)
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))} |
+                     ({"valid": summary["valid"]["scores"]} if "valid" in summary else {}), indent=2, default=str))
+
+
+def _decoding_from_args(task_cfg, args: argparse.Namespace):
+    from lmforge.tasks.model import Decoding
+
+    return Decoding.from_task(task_cfg, beam_size=1 if getattr(args, "greedy", False) else args.beam_size,
+                              length_penalty=getattr(args, "length_penalty", None),
+                              no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", None),
+                              max_len_a=getattr(args, "max_len_a", None), max_len_b=getattr(args, "max_len_b", None))
+
+
+def _batches(items, size: int):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _task_inputs(args: argparse.Namespace, texts: list[str] | None, source_key: str):
+    """Input texts: the arguments, else the file (lines, a JSONL key, or the whole file), else stdin lines."""
+    if texts:
+        return iter([_unescape(t) for t in texts])
+    path = getattr(args, "file", None)
+    if path:
+        from lmforge.tasks.data import file_format, read_examples
+
+        p = Path(path)
+        if not p.is_file():
+            raise LMForgeError(f"input file {p} not found; give a text file (one input per line) or JSONL")
+        if getattr(args, "whole", False):
+            return iter([p.read_text(encoding="utf-8")])
+        if file_format(p) == "jsonl" or p.suffix.lower() == ".tsv":
+            pairs, report = read_examples(p, source_key, None)
+            if report.skipped:
+                print(f"note: {report.summary()}", file=sys.stderr)
+            return iter([s for s, _ in pairs])
+        return (line for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+    if sys.stdin.isatty():
+        raise LMForgeError("no input; give the text as an argument, --file FILE, or pipe lines into stdin")
+    return (line.rstrip("\n") for line in sys.stdin if line.strip())
+
+
+def _run_task(args: argparse.Namespace, overrides: list[str], task: str, texts: list[str] | None) -> None:
+    from lmforge.tasks.model import load_task_model
+
+    command = "translate" if task == "translation" else "summarize"
+    if overrides:
+        raise LMForgeError(f"unknown option {overrides[0]!r} for {command}; see `lmforge {command} --help`")
+    task_model = load_task_model(args.checkpoint, expect=task, device=args.device)
+    decoding = _decoding_from_args(task_model.cfg.task, args)
+    n = 0
+    for batch in _batches(_task_inputs(args, texts, task_model.cfg.task.source_key), args.batch_size):
+        for out in task_model.generate(batch, decoding, batch_size=args.batch_size):
+            print(out.replace("\n", " "), flush=True)
+        n += len(batch)
+    if n == 0:
+        raise LMForgeError("the input is empty; give at least one non-empty line of text")
+
+
+def cmd_translate(args: argparse.Namespace, overrides: list[str]) -> None:
+    _run_task(args, overrides, "translation", args.text)
+
+
+def cmd_summarize(args: argparse.Namespace, overrides: list[str]) -> None:
+    _run_task(args, overrides, "summarization", None)
+
+
+def _eval_task(args: argparse.Namespace) -> None:
+    """``lmforge eval`` on a translation or summarization checkpoint: decode a test file, write
+    the hypotheses and the scores."""
+    from lmforge.tasks.model import Decoding, load_task_model
+    from lmforge.tasks.trainer import evaluate_file
+
+    task_model = load_task_model(args.checkpoint, device=args.device)
+    test_file = args.file or task_model.cfg.task.valid_file
+    if not test_file:
+        raise LMForgeError("no test file; pass --file FILE (TSV or JSONL with the task's columns)")
+    decoding = Decoding.from_task(task_model.cfg.task, beam_size=args.beam_size)
+    result = evaluate_file(task_model, test_file, decoding,
+                           say=lambda m: print(m, file=sys.stderr))
+    out = Path(args.output or f"eval-{Path(test_file).stem}")
+    out.mkdir(parents=True, exist_ok=True)
+    hyps = result.pop("hypotheses")
+    (out / "hypotheses.txt").write_text("".join(h.replace("\n", " ") + "\n" for h in hyps), encoding="utf-8")
+    result["checkpoint"] = str(args.checkpoint)
+    (out / "scores.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({"file": result["file"], "examples": result["examples"], **result["scores"],
+                      "output": str(out)}, indent=2))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,7 +371,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="windows per batch (default: 16)")
     p.add_argument("--max-batches", type=int, default=None, help="stop after this many batches (default: all)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    p.add_argument("--output", "-o", default=None,
+                   help="translation/summarization checkpoints: folder for hypotheses.txt and scores.json "
+                        "(default: eval-<test file name>); --file is then a TSV/JSONL test file")
+    p.add_argument("--beam-size", type=int, default=None,
+                   help="translation/summarization checkpoints: beam size (default: the checkpoint's task.beam_size)")
     p.set_defaults(func=cmd_eval)
+
+    epilog = _config_epilog()
+    p = sub.add_parser("finetune", help="train a translation or summarization model (encoder-decoder or decoder-only)",
+                       description="Train a model on (source, target) examples from a TSV file with a header row or "
+                                   "JSONL: translation (columns source, target; metric BLEU and chrF) or "
+                                   "summarization (keys document, summary; metric ROUGE). The recipe picks the "
+                                   "design: model.arch=seq2seq (encoder-decoder) or decoder (\"source <sep> target\" "
+                                   "with the loss on the target only). Writes checkpoints, metrics.jsonl, loss.png, "
+                                   "<metric>.png, valid.hyp.txt and report.json to train.out_dir.",
+                       epilog=epilog, formatter_class=fmt)
+    p.add_argument("task", choices=["translation", "summarization"], help="the task")
+    p.add_argument("--config", "-c", default=None, metavar="RECIPE",
+                   help="recipe name in configs/ or YAML path (default: translation-bible / summarization-bbc)")
+    p.add_argument("--train", default=None, metavar="FILE", help="training examples (sets task.train_file)")
+    p.add_argument("--valid", default=None, metavar="FILE", help="validation examples (sets task.valid_file)")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from this checkpoint's weights and tokenizer: a language model from `lmforge train` "
+                        "or a task model (sets train.init_from)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in train.out_dir")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+    def decoding_args(p: argparse.ArgumentParser, batch: int) -> None:
+        p.add_argument("--beam-size", "-b", type=int, default=None, help="beam size (default: the checkpoint's task.beam_size)")
+        p.add_argument("--greedy", action="store_true", help="greedy search (beam size 1)")
+        p.add_argument("--length-penalty", type=float, default=None,
+                       help="beam score = log-probability / length ** this (default: task.length_penalty)")
+        p.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                       help="never repeat an n-gram of this size (default: task.no_repeat_ngram_size)")
+        p.add_argument("--max-len-a", type=float, default=None, help="output limit = a * source tokens + b (default: task.max_len_a)")
+        p.add_argument("--max-len-b", type=int, default=None, help="see --max-len-a (default: task.max_len_b)")
+        p.add_argument("--batch-size", type=int, default=batch, help=f"inputs decoded together (default: {batch})")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+
+    p = sub.add_parser("translate", help="translate text with a translation checkpoint",
+                       description="Translate each TEXT argument, each line of --file, or each line piped into stdin "
+                                   "(read and printed in batches, one output line per input line).")
+    p.add_argument("checkpoint", help="run directory or checkpoint directory from `lmforge finetune translation`")
+    p.add_argument("text", nargs="*", help="texts to translate (default: --file, or stdin lines)")
+    p.add_argument("--file", "-f", default=None, help="one input per line (or a TSV/JSONL with the source column)")
+    decoding_args(p, 32)
+    p.set_defaults(func=cmd_translate)
+
+    p = sub.add_parser("summarize", help="summarize documents with a summarization checkpoint",
+                       description="Summarize each line of FILE (or, for a .jsonl/.tsv file, each document in it; "
+                                   "with --whole, the whole file as one document), or each line piped into stdin.")
+    p.add_argument("checkpoint", help="run directory or checkpoint directory from `lmforge finetune summarization`")
+    p.add_argument("file", nargs="?", default=None, help="input file (default: stdin, one document per line)")
+    p.add_argument("--whole", action="store_true", help="the whole file is one document")
+    decoding_args(p, 16)
+    p.set_defaults(func=cmd_summarize)
 
     p = sub.add_parser("plot", help="PNG of a run's train/val loss curves",
                        description="Write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl and print its path.")

@@ -1,0 +1,69 @@
+"""Corpus metrics from the reference libraries: BLEU and chrF (sacrebleu), ROUGE-1/2/L (rouge-score).
+
+BLEU and chrF are corpus-level with sacrebleu's defaults (13a tokenization, one reference per
+segment), so the numbers compare with published sacrebleu scores. ROUGE is the mean over
+examples of each example's F-measure, with the Porter stemmer (as in most summarization papers).
+All scores are on a 0-100 scale.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from lmforge.errors import LMForgeError
+
+METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
+
+
+def _check(hypotheses: Sequence[str], references: Sequence[str]) -> None:
+    if len(hypotheses) != len(references):
+        raise LMForgeError(f"{len(hypotheses)} hypotheses but {len(references)} references; give one of each per example")
+    if not references:
+        raise LMForgeError("no examples to score; give at least one hypothesis and reference")
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    import sacrebleu
+
+    _check(hypotheses, references)
+    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+
+
+def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    import sacrebleu
+
+    _check(hypotheses, references)
+    return float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score)
+
+
+def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    from rouge_score import rouge_scorer
+
+    _check(hypotheses, references)
+    kinds = ["rouge1", "rouge2", "rougeL"]
+    scorer = rouge_scorer.RougeScorer(kinds, use_stemmer=True)
+    totals = dict.fromkeys(kinds, 0.0)
+    for hyp, ref in zip(hypotheses, references):
+        for kind, value in scorer.score(ref, hyp).items():  # score(target, prediction)
+            totals[kind] += value.fmeasure
+    return {kind: 100.0 * total / len(references) for kind, total in totals.items()}
+
+
+def score(names: Sequence[str], hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """The metrics in ``names`` (any of METRICS) of the hypotheses against the references."""
+    out: dict[str, float] = {}
+    for name in names:
+        if name not in METRICS:
+            raise LMForgeError(f"unknown metric {name!r}; use one of {', '.join(METRICS)}")
+    if "bleu" in names:
+        out["bleu"] = bleu(hypotheses, references)
+    if "chrf" in names:
+        out["chrf"] = chrf(hypotheses, references)
+    if any(n.startswith("rouge") for n in names):
+        out.update(rouge(hypotheses, references))
+    return out
+
+
+def lead_words(document: str, n_words: int) -> str:
+    """The first ``n_words`` words of a document: the lead baseline of headline generation."""
+    return " ".join(document.split()[:n_words])

@@ -1,0 +1,199 @@
+"""A task checkpoint in use: build or load the model of either design, and turn texts into outputs."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from lmforge.config import Config, ModelConfig, TaskConfig
+from lmforge.errors import LMForgeError
+from lmforge.tasks import beam
+from lmforge.tasks.format import SpecialIds, TaskFormat
+
+COMMANDS = {"translation": "translate", "summarization": "summarize"}
+
+
+def build_model(mcfg: ModelConfig) -> nn.Module:
+    """Seq2SeqLM for model.arch=seq2seq, DecoderLM for model.arch=decoder."""
+    if mcfg.arch == "seq2seq":
+        from lmforge.model.seq2seq import Seq2SeqLM
+
+        return Seq2SeqLM(mcfg)
+    from lmforge.model import DecoderLM
+
+    return DecoderLM(mcfg)
+
+
+@dataclass
+class Decoding:
+    """Search settings: beam_size 1 is greedy; output length limit = max_len_a * source tokens + max_len_b."""
+
+    beam_size: int = 4
+    length_penalty: float = 1.0
+    early_stopping: bool = True
+    no_repeat_ngram_size: int = 0
+    max_len_a: float = 1.5
+    max_len_b: int = 10
+
+    @classmethod
+    def from_task(cls, task: TaskConfig, **overrides) -> "Decoding":
+        values = {f.name: getattr(task, f.name) for f in fields(cls)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        out = cls(**values)
+        if out.beam_size < 1:
+            raise LMForgeError(f"beam size must be at least 1 (1 = greedy), got {out.beam_size}")
+        if out.max_len_a < 0 or out.max_len_b < 0 or out.max_len_a == out.max_len_b == 0:
+            raise LMForgeError("max_len_a and max_len_b must not be negative, nor both 0")
+        return out
+
+
+def output_limit(mcfg: ModelConfig, source_len: int, decoding: Decoding) -> int:
+    """Most output tokens (<eos> included) for a formatted source of ``source_len`` tokens: the
+    task's a * len + b, within the model's positions (learned or sinusoidal)."""
+    limit = int(decoding.max_len_a * source_len + decoding.max_len_b)
+    if mcfg.pos_encoding != "rotary":
+        room = mcfg.block_size if mcfg.arch == "seq2seq" else mcfg.block_size - source_len + 1
+        limit = min(limit, room)
+    return max(limit, 1)
+
+
+@torch.no_grad()
+def decode_ids(model: nn.Module, fmt: TaskFormat, sources: Sequence[list[int]], decoding: Decoding,
+               batch_size: int = 32) -> list[list[int]]:
+    """Output token ids (without <eos>) for formatted sources, in batches of similar length."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    outputs: list[list[int]] = [[] for _ in sources]
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            srcs = [sources[i] for i in chunk]
+            max_lens = [output_limit(model.cfg, len(s), decoding) for s in srcs]
+            if fmt.arch == "seq2seq":
+                state = beam.Seq2SeqState(model, srcs, fmt.ids.bos, fmt.ids.pad, max(max_lens))
+            else:
+                state = beam.DecoderOnlyState(model, srcs, fmt.ids.pad, max(max_lens))
+            outs = beam.decode(state, max_lens, fmt.ids.eos, decoding.beam_size, decoding.length_penalty,
+                               decoding.early_stopping, decoding.no_repeat_ngram_size)
+            for i, out in zip(chunk, outs):
+                outputs[i] = out
+    finally:
+        model.train(was_training)
+    return outputs
+
+
+class TaskModel:
+    """A model with its tokenizer and input format: texts in, outputs out."""
+
+    def __init__(self, model: nn.Module, cfg: Config, tokenizer):
+        self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
+        self.fmt = TaskFormat(cfg.model.arch, SpecialIds.from_tokenizer(tokenizer, cfg.task.source_prefix))
+
+    def encode_sources(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
+        """Formatted sources, each cut to task.max_source_len tokens; also how many were cut."""
+        room = self.cfg.task.max_source_len - self.fmt.source_room
+        ids = self.tokenizer.encode_batch(list(texts)) if texts else []
+        cut = sum(len(s) > room for s in ids)
+        return [self.fmt.source(s[:room]) for s in ids], cut
+
+    def generate(self, texts: Sequence[str], decoding: Decoding | None = None, batch_size: int = 32,
+                 warn=None) -> list[str]:
+        """The output text for each source text."""
+        decoding = decoding or Decoding.from_task(self.cfg.task)
+        sources, cut = self.encode_sources(texts)
+        if cut:
+            (warn or (lambda m: print(m, file=sys.stderr)))(
+                f"note: {cut} of {len(texts)} inputs were longer than task.max_source_len="
+                f"{self.cfg.task.max_source_len} tokens and were cut to it"
+            )
+        outputs = decode_ids(self.model, self.fmt, sources, decoding, batch_size)
+        return [self.tokenizer.decode(o).strip() for o in outputs]
+
+
+def checkpoint_task(path: str | Path) -> str:
+    """The task a checkpoint was trained for: lm, translation or summarization."""
+    from lmforge.train import checkpoint as ckpt_io
+
+    return ckpt_io.read_config(ckpt_io.latest_checkpoint(path)).task.name
+
+
+def load_task_model(path: str | Path, expect: str | None = None, device: str = "cpu") -> TaskModel:
+    """The task model of a checkpoint from ``lmforge finetune``; ``expect`` names the task the
+    caller needs (a checkpoint of another kind is refused with the command that fits it)."""
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train import checkpoint as ckpt_io
+
+    ckpt = ckpt_io.latest_checkpoint(path)
+    cfg = ckpt_io.read_config(ckpt)
+    wanted = f"`lmforge finetune {expect}`" if expect else "`lmforge finetune`"
+    if cfg.task.name == "lm":
+        raise LMForgeError(f"{ckpt} is a language-model checkpoint (from `lmforge train`); "
+                           f"give one trained with {wanted}, or use `lmforge generate` for it")
+    if expect and cfg.task.name != expect:
+        raise LMForgeError(f"{ckpt} is a {cfg.task.name} checkpoint, not {expect}; use "
+                           f"`lmforge {COMMANDS[cfg.task.name]}` for it, or give one trained with {wanted}")
+    tok_path = ckpt_io.require_file(ckpt, ckpt_io.TOKENIZER, "copy the tokenizer.json it was trained with into it")
+    tokenizer = Tokenizer.load(tok_path)
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise LMForgeError(f"{tok_path} has {tokenizer.vocab_size} tokens but the model in {ckpt} has "
+                           f"{cfg.model.vocab_size}; copy the tokenizer the model was trained with into {ckpt}")
+    model = build_model(cfg.model)
+    ckpt_io.load_weights(model, ckpt)
+    model.to(device).eval()
+    return TaskModel(model, cfg, tokenizer)
+
+
+def warm_start_config(saved: ModelConfig, wanted: ModelConfig) -> ModelConfig:
+    """The model settings for starting ``wanted.arch`` from a checkpoint with ``saved`` settings:
+    the checkpoint's shape, with the recipe's dropout (and, from a language model, an encoder as
+    deep as its decoder, pre-norm, one shared embedding)."""
+    if saved.arch == "seq2seq" and wanted.arch == "decoder":
+        raise LMForgeError("an encoder-decoder checkpoint cannot start a decoder-only model; "
+                           "use --model.arch=seq2seq or start from a language-model checkpoint")
+    out = replace(saved, dropout=wanted.dropout, arch=wanted.arch)
+    if saved.arch == "decoder" and wanted.arch == "seq2seq":
+        out = replace(out, n_encoder_layer=None, norm_position="pre", share_embeddings=True)
+    return out
+
+
+#: seq2seq weight name prefix -> the decoder-only weight that starts it (the rest keep their names)
+_FROM_DECODER = {"encoder_blocks.": "blocks.", "src_pos_emb.": "pos_emb.", "encoder_norm.": "norm_f.",
+                 "src_emb.": "tok_emb."}
+
+
+def warm_start(model: nn.Module, ckpt: Path) -> str:
+    """Copy a checkpoint's weights into ``model``. From a decoder-only language model into an
+    encoder-decoder, the decoder takes the language model's blocks and both encoder and decoder its
+    embedding; encoder blocks take the same blocks (now attending both ways); cross-attention starts
+    fresh. Returns a one-line account."""
+    from safetensors.torch import load_file
+
+    from lmforge.train import checkpoint as ckpt_io
+
+    saved_arch = ckpt_io.read_config(ckpt).model.arch
+    if saved_arch == getattr(model.cfg, "arch", "decoder"):
+        ckpt_io.load_weights(model, ckpt)
+        return f"all weights from {ckpt}"
+    state = load_file(ckpt_io.require_file(ckpt, ckpt_io.WEIGHTS, "the checkpoint is incomplete; use another one"))
+    if "lm_head.weight" not in state and "tok_emb.weight" in state:
+        state["lm_head.weight"] = state["tok_emb.weight"]  # a tied head is stored once
+    own = model.state_dict()
+    copied, fresh = {}, []
+    for name, tensor in own.items():
+        source = name
+        for prefix, lm_prefix in _FROM_DECODER.items():
+            if name.startswith(prefix):
+                source = lm_prefix + name[len(prefix):]
+        if source in state and tuple(state[source].shape) == tuple(tensor.shape):
+            copied[name] = state[source]
+        else:
+            fresh.append(name)
+    model.load_state_dict(copied, strict=False)
+    return (f"{len(copied)} tensors from the language model {ckpt}; {len(fresh)} start fresh "
+            f"({', '.join(sorted({n.split('.')[2] if n.startswith('blocks.') else n.split('.')[0] for n in fresh}))})")

@@ -1,0 +1,240 @@
+"""Encoder-decoder model: cross-attention against its float64 formula, masks, caching, loss, learning."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.model import DecoderLM
+from lmforge.model.seq2seq import CrossAttention, Seq2SeqBlock, Seq2SeqLM
+from lmforge.tasks import beam
+from lmforge.tasks.format import IGNORE_INDEX, SpecialIds, TaskFormat, sequence_loss
+from lmforge.tasks.model import warm_start, warm_start_config
+from lmforge.tasks.trainer import accumulate_task_gradients
+
+torch.manual_seed(0)
+V = 40
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(**kw) -> ModelConfig:
+    base = dict(vocab_size=V, d_model=32, n_head=4, n_layer=2, n_encoder_layer=3, d_ff=64, arch="seq2seq",
+                pos_encoding="sinusoidal", block_size=32)
+    return ModelConfig(**{**base, **kw})
+
+
+def model(**kw) -> Seq2SeqLM:
+    torch.manual_seed(0)
+    return Seq2SeqLM(config(**kw)).eval()
+
+
+def linear64(x, layer):
+    y = x.double() @ layer.weight.detach().double().T
+    return y if layer.bias is None else y + layer.bias.detach().double()
+
+
+def cross_attention64(attn, x, memory, keep):
+    """softmax(Q K^T / sqrt(D) + M) V per head in float64; keep bool [B, S] (True = real source token)."""
+    B, T, _ = x.shape
+    S = memory.shape[1]
+    H, Hkv, D = attn.n_head, attn.n_kv_head, attn.head_dim
+    q = linear64(x, attn.q_proj).reshape(B, T, H, D)
+    k = linear64(memory, attn.k_proj).reshape(B, S, Hkv, D)
+    v = linear64(memory, attn.v_proj).reshape(B, S, Hkv, D)
+    out = torch.zeros(B, T, H, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            kv = h // (H // Hkv)
+            scores = q[b, :, h] @ k[b, :, kv].T / math.sqrt(D)
+            scores = scores + torch.where(keep[b], 0.0, float("-inf")).double()
+            out[b, :, h] = torch.softmax(scores, dim=-1) @ v[b, :, kv]
+    return linear64(out.reshape(B, T, H * D), attn.o_proj)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_cross_attention_matches_float64_formula(n_kv_head):
+    attn = CrossAttention(32, 4, n_kv_head, bias=True).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.3)
+    x, memory = torch.randn(2, 5, 32), torch.randn(2, 9, 32)  # target 5 tokens, source 9
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[0, 6:] = False
+    expected = cross_attention64(attn, x, memory, keep)
+    torch.testing.assert_close(attn(x, memory, key_padding_mask=keep).double(), expected, atol=1e-5, rtol=1e-4)
+    # the keys/values projected once give the same result
+    torch.testing.assert_close(attn(x, attn.project(memory), key_padding_mask=keep).double(), expected,
+                               atol=1e-5, rtol=1e-4)
+
+
+def test_post_norm_block_matches_its_formula():
+    cfg = config(norm_position="post")
+    block = Seq2SeqBlock(cfg, cross_attention=True).eval()
+    x, memory = torch.randn(2, 4, 32), torch.randn(2, 6, 32)
+    h = block.attn_norm(x + block.attn(x, causal=True))
+    h = block.cross_norm(h + block.cross_attn(h, memory))
+    expected = block.ffn_norm(h + block.ffn(h))
+    torch.testing.assert_close(block(x, causal=True, memory=memory), expected)
+    pre = Seq2SeqBlock(config(), cross_attention=True).eval()
+    pre.load_state_dict(block.state_dict())  # same weights, same names
+    assert not torch.allclose(pre(x, causal=True, memory=memory), expected)
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "learned", "rotary"])
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_source_padding_never_changes_outputs(pos, norm_position):
+    m = model(pos_encoding=pos, norm_position=norm_position)
+    src = torch.randint(3, V, (1, 5))
+    tgt = torch.randint(3, V, (1, 6))
+    alone = m(src, tgt)
+    for pad_value in (0, 7):
+        padded = torch.cat([src, torch.full((1, 4), pad_value)], dim=1)
+        other = torch.randint(3, V, (1, 9))
+        mask = torch.tensor([[True] * 5 + [False] * 4, [True] * 9])
+        out = m(torch.cat([padded, other]), torch.cat([tgt, tgt]), mask)
+        torch.testing.assert_close(out[0:1], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_cannot_see_future_targets_but_encoder_sees_all():
+    m = model()
+    src, tgt = torch.randint(3, V, (2, 7)), torch.randint(3, V, (2, 6))
+    base = m(src, tgt)
+    for t in range(5):
+        changed = tgt.clone()
+        changed[:, t + 1:] = torch.randint(3, V, (2, 5 - t))
+        torch.testing.assert_close(m(src, changed)[:, : t + 1], base[:, : t + 1])
+    later_source = src.clone()
+    later_source[:, -1] = (src[:, -1] + 1) % V
+    assert not torch.allclose(m(later_source, tgt)[:, 0], base[:, 0])  # bidirectional encoder
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "learned", "rotary"])
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_cached_step_decoding_equals_the_full_forward(pos, norm_position):
+    m = model(pos_encoding=pos, norm_position=norm_position, n_kv_head=2)
+    src, tgt = torch.randint(3, V, (2, 7)), torch.randint(3, V, (2, 5))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    full = m(src, tgt, mask)
+    memory = m.project_memory(m.encode(src, mask))
+    cache = m.new_cache(2, 5)
+    steps = torch.cat([m.decode(tgt[:, i:i + 1], memory, mask, cache=cache) for i in range(5)], dim=1)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_separate_and_tied_embeddings():
+    shared = model()
+    assert shared.lm_head.weight is shared.tok_emb.weight and shared.src_emb is None
+    separate = model(share_embeddings=False, tie_embeddings=False)
+    assert separate.src_emb is not None and separate.lm_head.weight is not separate.tok_emb.weight
+    extra = 2 * V * 32  # a source table and an untied head
+    assert separate.num_params() == shared.num_params() + extra
+    learned = model(pos_encoding="learned")
+    assert learned.pos_emb is not learned.src_pos_emb  # one table per side
+
+
+def test_label_smoothed_loss_is_normalised_by_target_tokens():
+    logits = torch.randn(2, 4, V)
+    labels = torch.randint(0, V, (2, 4))
+    labels[1, 2:] = IGNORE_INDEX
+    eps = 0.1
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    total = 0.0
+    for b in range(2):
+        for t in range(4):
+            if labels[b, t] != IGNORE_INDEX:
+                total += -(1 - eps) * logp[b, t, labels[b, t]] - eps * logp[b, t].mean()
+    assert sequence_loss(logits, labels, eps).item() == pytest.approx(total.item(), rel=1e-5)
+    # accumulating two micro-batches gives the gradient of one batch holding both
+    m = model()
+    src, tgt = torch.randint(3, V, (4, 6)), torch.randint(3, V, (4, 5))
+    fmt = TaskFormat("seq2seq", SpecialIds(eos=0, bos=2, sep=3, pad=1, prefix=[]))
+    rows_s, rows_t = src.tolist(), [t[: 2 + i] for i, t in enumerate(tgt.tolist())]  # ragged targets
+    whole = fmt.collate(rows_s, rows_t)
+    m.train()
+    accumulate_task_gradients(m, [whole], torch.device("cpu"), torch.float32, eps)
+    one = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    parts = [fmt.collate(rows_s[:1], rows_t[:1]), fmt.collate(rows_s[1:], rows_t[1:])]
+    accumulate_task_gradients(m, parts, torch.device("cpu"), torch.float32, eps)
+    for a, p in zip(one, m.parameters()):
+        torch.testing.assert_close(p.grad, a, atol=1e-6, rtol=1e-4)
+
+
+def test_decoder_only_format_puts_the_loss_on_the_target_only():
+    fmt = TaskFormat("decoder", SpecialIds(eos=0, bos=2, sep=3, pad=1, prefix=[9]))
+    batch = fmt.collate([[10, 11], [12]], [[20, 21, 22], [23]])
+    assert batch.inputs.tolist() == [[9, 10, 11, 3, 20, 21, 22], [9, 12, 3, 23, 1, 1, 1]]
+    assert batch.labels.tolist() == [[-100, -100, -100, 20, 21, 22, 0], [-100, -100, 23, 0, -100, -100, -100]]
+    s2s = TaskFormat("seq2seq", SpecialIds(eos=0, bos=2, sep=3, pad=1, prefix=[9])).collate([[10, 11]], [[20]])
+    assert s2s.src.tolist() == [[9, 10, 11, 0]] and s2s.inputs.tolist() == [[2, 20]] and s2s.labels.tolist() == [[20, 0]]
+
+
+def test_decoder_only_state_matches_generate():
+    from lmforge.generate import generate
+
+    torch.manual_seed(1)
+    lm = DecoderLM(ModelConfig(vocab_size=V, d_model=32, n_head=4, n_layer=2, block_size=32)).eval()
+    prompts = [[5, 6, 7, 3], [8, 3]]
+    expected = generate(lm, prompts, max_new_tokens=6, greedy=True, eot_id=0)
+    got = beam.greedy_search(beam.DecoderOnlyState(lm, prompts, pad_id=1, max_len=7), [7, 7], eos_id=0)
+    assert got == [e[:6] for e in expected]
+
+
+def test_warm_start_from_a_language_model(tmp_path):
+    from lmforge.config import Config
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train.checkpoint import save_checkpoint
+
+    torch.manual_seed(2)
+    lm_cfg = ModelConfig(vocab_size=V, d_model=32, n_head=4, n_layer=2, block_size=32, pos_encoding="learned")
+    lm = DecoderLM(lm_cfg)
+    tok = Tokenizer.train(["abc"], kind="char", byte_fallback=False, special_tokens=[])
+    tok.save(tmp_path / "tokenizer.json")
+    ckpt = save_checkpoint(tmp_path / "lm", lm, Config(model=lm_cfg), step=1, tokenizer_path=tmp_path / "tokenizer.json")
+    cfg = warm_start_config(lm_cfg, config(dropout=0.1))
+    assert cfg.arch == "seq2seq" and cfg.n_layer == 2 and cfg.pos_encoding == "learned" and cfg.dropout == 0.1
+    s2s = Seq2SeqLM(cfg)
+    message = warm_start(s2s, ckpt)
+    assert "cross_attn" in message
+    for i in range(2):
+        torch.testing.assert_close(s2s.blocks[i].attn.q_proj.weight, lm.blocks[i].attn.q_proj.weight)
+        torch.testing.assert_close(s2s.encoder_blocks[i].ffn.up_proj.weight, lm.blocks[i].ffn.up_proj.weight)
+    torch.testing.assert_close(s2s.src_pos_emb.weight, lm.pos_emb.weight)
+    torch.testing.assert_close(s2s.tok_emb.weight, lm.tok_emb.weight)
+
+
+def test_learns_to_reverse_short_sequences_exactly():
+    """A tiny encoder-decoder learns to reverse sequences of 2-4 symbols; greedy decoding is then exact."""
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    ids = SpecialIds(eos=0, bos=2, sep=3, pad=1, prefix=[])
+    fmt = TaskFormat("seq2seq", ids)
+    m = Seq2SeqLM(ModelConfig(vocab_size=12, d_model=64, n_head=2, n_layer=2, n_encoder_layer=2, d_ff=128,
+                              arch="seq2seq", pos_encoding="sinusoidal", block_size=16))
+    opt = torch.optim.AdamW(m.parameters(), lr=5e-3, weight_decay=0.0)
+
+    def sample(n):
+        src = [[rng.randint(4, 11) for _ in range(rng.randint(2, 4))] for _ in range(n)]
+        return src, [s[::-1] for s in src]
+
+    for _ in range(500):
+        batch = fmt.collate(*sample(32))
+        loss = sequence_loss(batch.logits(m), batch.labels) / batch.n_targets
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    m.eval()
+    src, expected = sample(100)
+    state = beam.Seq2SeqState(m, [fmt.source(s) for s in src], ids.bos, ids.pad, 8)
+    assert beam.greedy_search(state, [8] * 100, ids.eos) == expected
