@@ -60,7 +60,7 @@ def run_child(name: str, data: str, workdir: str) -> dict:
         "model_flops_per_second": flops_per_token * tok_s, "final_val_loss": summary["val_loss"],
         "time_to_target_s": reached["elapsed"] if reached else None,
         "step_to_target": reached["step"] if reached else None,
-        "wall_time_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "train_time_s": records[-1]["elapsed"], "wall_time_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "val_curve": [(r["step"], round(r["elapsed"], 2), round(r["val_loss"], 4)) for r in vals],
     }
 
@@ -93,23 +93,23 @@ def main() -> None:
     for r in rows:
         r["mfu_vs_measured_matmul_peak"] = r["model_flops_per_second"] / peak
     ref = next((r for r in rows if r["name"] == "reference"), None)
-    for r in rows:
-        if ref and r["time_to_target_s"] and ref["time_to_target_s"]:
-            r["time_to_target_vs_reference"] = r["time_to_target_s"] / ref["time_to_target_s"]
-        if ref:
-            r["time_vs_reference_wall"] = (r["time_to_target_s"] or float("nan")) / ref["wall_time_s"]
+    for r in rows:  # like with like: training time (evaluations included) from the first step
+        if ref and r["time_to_target_s"]:
+            r["time_to_target_vs_reference_train_time"] = r["time_to_target_s"] / ref["train_time_s"]
 
     table = [{**r, "MFU %": 100 * r["mfu_vs_measured_matmul_peak"], "peak MB": r["peak_rss_mb"]} for r in rows]
     print(f"\nmatmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s (fp32, 1024^3); "
           f"target val loss {TARGET_VAL_LOSS}")
     print_table(table, ["name", "steps", "ms_per_step", "tokens_per_second", "MFU %", "final_val_loss",
-                        "step_to_target", "time_to_target_s", "wall_time_s", "peak MB"])
+                        "step_to_target", "time_to_target_s", "train_time_s", "wall_time_s", "peak MB"])
     if ref and len(rows) > 1:
         fast = rows[1]
         if fast["time_to_target_s"]:
-            print(f"\nfast recipe reaches {TARGET_VAL_LOSS} in {fast['time_to_target_s']:.1f} s, "
-                  f"{fast['time_to_target_s'] / ref['wall_time_s']:.2f} x the reference recipe's wall time "
-                  f"({ref['wall_time_s']:.1f} s; goal <= 0.33)")
+            print(f"\nfast recipe reaches {TARGET_VAL_LOSS} after {fast['time_to_target_s']:.1f} s of training, "
+                  f"{fast['time_to_target_vs_reference_train_time']:.2f} x the reference recipe's training time "
+                  f"({ref['train_time_s']:.1f} s for 2000 steps; goal <= 0.33)")
+        else:
+            print(f"\nfast recipe did not reach {TARGET_VAL_LOSS}")
     path = write_result("train_shakespeare", {"target_val_loss": TARGET_VAL_LOSS, "matmul_peak_flops": peak,
                                               "results": rows})
     print(f"wrote {path}")
