@@ -147,7 +147,7 @@ def _read_jsonl(path: Path, source_key: str, target_key: str | None, report: Rea
         if not isinstance(record, dict):
             report.skipped["lines that are not JSON objects"] += 1
             continue
-        keys_seen.update(record)
+        keys_seen.update(record.keys())
         missing = [k for k in (source_key, target_key) if k and k not in record]
         if missing:
             report.skipped[f"without the key {missing[0]!r}"] += 1

@@ -22,23 +22,33 @@ def _check(hypotheses: Sequence[str], references: Sequence[str]) -> None:
         raise LMForgeError("no examples to score; give at least one hypothesis and reference")
 
 
-def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    import sacrebleu
+def _sacrebleu():
+    try:
+        import sacrebleu
+    except ImportError:
+        raise LMForgeError("BLEU and chrF need the sacrebleu package; install it with "
+                           "pip install 'lmforge[tasks]' (or pip install sacrebleu)") from None
+    return sacrebleu
 
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    sacrebleu = _sacrebleu()
     _check(hypotheses, references)
     return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
 
 
 def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    import sacrebleu
-
+    sacrebleu = _sacrebleu()
     _check(hypotheses, references)
     return float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score)
 
 
 def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    from rouge_score import rouge_scorer
-
+    try:
+        from rouge_score import rouge_scorer
+    except ImportError:
+        raise LMForgeError("ROUGE needs the rouge-score package; install it with "
+                           "pip install 'lmforge[tasks]' (or pip install rouge-score)") from None
     _check(hypotheses, references)
     kinds = ["rouge1", "rouge2", "rougeL"]
     scorer = rouge_scorer.RougeScorer(kinds, use_stemmer=True)

@@ -1,0 +1,277 @@
+"""Translation and summarization tasks: reading and bad input, lengths, token batches, metrics, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.errors import LMForgeError
+from lmforge.tasks import metrics
+from lmforge.tasks.data import TokenBatcher, limit_lengths, read_examples, sorted_batches
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+def test_tsv_rows_skipped_are_counted_by_reason(tmp_path):
+    f = tmp_path / "pairs.tsv"
+    f.write_text("source\ttarget\nhello\thola\n\nthree\tfields\there\n \tvacío\ncat\tgato\nonly one field\n",
+                 encoding="utf-8")
+    pairs, report = read_examples(f, "source", "target")
+    assert pairs == [("hello", "hola"), ("cat", "gato")]
+    assert report.rows == 6 and report.kept == 2
+    assert report.skipped == {"empty lines": 1, "ragged rows (not 2 fields)": 2, "with an empty source": 1}
+    assert "skipped 4 of 6 rows" in report.summary() and "2 ragged rows" in report.summary()
+
+
+def test_tsv_missing_column_names_the_column_and_the_fix(tmp_path):
+    f = tmp_path / "pairs.tsv"
+    f.write_text("english\tspanish\nhello\thola\n", encoding="utf-8")
+    with pytest.raises(LMForgeError, match="no column 'source'.*'english', 'spanish'.*--task.source_key"):
+        read_examples(f, "source", "target")
+    pairs, _ = read_examples(f, "english", "spanish")
+    assert pairs == [("hello", "hola")]
+
+
+def test_jsonl_bad_lines_and_missing_keys(tmp_path):
+    f = tmp_path / "docs.jsonl"
+    lines = [{"document": "A long text.", "summary": "Text"}, "not json", [1, 2], {"document": "No summary"},
+             {"document": "Doc", "summary": 3}, {"document": "Two", "summary": "2"}]
+    f.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    pairs, report = read_examples(f, "document", "summary")
+    assert pairs == [("A long text.", "Text"), ("Two", "2")]
+    assert report.skipped == {"lines that are not JSON": 1, "lines that are not JSON objects": 1,
+                              "without the key 'summary'": 1, "with a non-text target": 1}
+    with pytest.raises(LMForgeError, match="no line of .* has the key 'headline'.*'document', 'summary'"):
+        read_examples(f, "document", "headline")
+
+
+def test_unusable_files_raise_one_clear_error(tmp_path):
+    with pytest.raises(LMForgeError, match="not found"):
+        read_examples(tmp_path / "missing.tsv", "source", "target")
+    (tmp_path / "empty.tsv").write_text("")
+    with pytest.raises(LMForgeError, match="empty"):
+        read_examples(tmp_path / "empty.tsv", "source", "target")
+    (tmp_path / "blank.tsv").write_text("source\ttarget\n\n\n")
+    with pytest.raises(LMForgeError, match="no usable example.*2 empty lines"):
+        read_examples(tmp_path / "blank.tsv", "source", "target")
+    (tmp_path / "latin1.tsv").write_bytes("source\ttarget\ncafé\tcafé\n".encode("latin-1"))
+    with pytest.raises(LMForgeError, match="line 2 is not UTF-8"):
+        read_examples(tmp_path / "latin1.tsv", "source", "target")
+
+
+def test_over_long_examples_are_cut_or_skipped_and_reported():
+    sources = [[1] * 3, [1] * 8, [1] * 2]
+    targets = [[2] * 9, [2] * 2, [2] * 2]
+    s, t, index, report = limit_lengths(sources, targets, 5, 6, "truncate", (7, 7))
+    assert [len(x) for x in s] == [3, 5, 2] and [len(x) for x in t] == [6, 2, 2] and index == [0, 1, 2]
+    assert "1 sources over task.max_source_len=7" in report.summary() and "cut to the limit" in report.summary()
+    s, t, index, report = limit_lengths(sources, targets, 5, 6, "skip", (7, 7))
+    assert index == [2] and report.skipped == 2 and "2 examples skipped" in report.summary()
+    with pytest.raises(LMForgeError, match="every example is longer"):
+        limit_lengths(sources[:2], targets[:2], 5, 6, "skip", (7, 7))
+
+
+# --------------------------------------------------------------------------------------------- batches
+
+
+def test_token_batches_bound_padding_cover_every_example_and_resume():
+    rng = np.random.default_rng(0)
+    lengths = np.stack([rng.integers(3, 60, 500), rng.integers(3, 60, 500)], axis=1)
+    batcher = TokenBatcher(lengths, batch_tokens=400, seed=1, bucket_size=128)
+    epoch = [batcher.next_batch() for _ in range(batcher.batches_per_epoch)]
+    assert sorted(i for b in epoch for i in b) == list(range(500))
+    for b in epoch:
+        assert len(b) * int(lengths[b].max(axis=0).sum()) <= 400
+    padded = sum(len(b) * int(lengths[b].max(axis=0).sum()) for b in epoch)
+    assert padded < 1.3 * lengths.sum()  # bucketing keeps padding low
+    state = batcher.state_dict()
+    ahead = [batcher.next_batch() for _ in range(5)]
+    other = TokenBatcher(lengths, batch_tokens=400, seed=1, bucket_size=128)
+    other.load_state_dict(state)
+    assert [other.next_batch() for _ in range(5)] == ahead
+    assert ahead[0] != epoch[0] or ahead[1] != epoch[1]  # a new epoch, shuffled again
+    with pytest.raises(LMForgeError, match="task.batch_tokens=100 is smaller than the longest example"):
+        TokenBatcher(lengths, batch_tokens=100, seed=1)
+    assert sorted(i for b in sorted_batches(lengths, 400) for i in b) == list(range(500))
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+HYPS = ["the cat sat on the mat", "a quick brown fox jumps", "hello world", "it is raining today in Paris"]
+REFS = ["the cat sat on a mat", "the quick brown fox jumped over", "hello there world", "today it rains in Paris"]
+
+
+def test_metrics_equal_the_libraries_numbers():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    assert metrics.bleu(HYPS, REFS) == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS]).score)
+    assert metrics.chrf(HYPS, REFS) == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS]).score)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(r, h) for h, r in zip(HYPS, REFS)]
+    got = metrics.rouge(HYPS, REFS)
+    for kind in ("rouge1", "rouge2", "rougeL"):
+        assert got[kind] == pytest.approx(100 * sum(s[kind].fmeasure for s in scores) / len(scores))
+    # fixed numbers, so that a change in how the libraries are called shows up
+    # BLEU by hand: n-gram precisions 5/6, 3/5, 2/4, 1/3, equal lengths (no brevity penalty)
+    by_hand = 100 * (5 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
+    assert metrics.bleu(["the cat sat on the mat"], ["the cat sat on a mat"]) == pytest.approx(by_hand)
+    assert metrics.chrf(["the cat sat on the mat"], ["the cat sat on a mat"]) == pytest.approx(72.0848317, abs=1e-6)
+    assert metrics.rouge(["the cat sat on a mat"], ["the cat sat on the mat"])["rouge2"] == pytest.approx(60.0)
+    assert metrics.bleu(REFS, REFS) == pytest.approx(100.0)
+    assert metrics.score(["bleu", "rougeL"], HYPS, REFS).keys() == {"bleu", "rouge1", "rouge2", "rougeL"}
+    assert metrics.lead_words("One two  three\nfour five", 4) == "One two three four"
+    with pytest.raises(LMForgeError, match="2 hypotheses but 1 references"):
+        metrics.bleu(HYPS[:2], REFS[:1])
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+TINY = ["--model.n_layer=1", "--model.n_encoder_layer=1", "--model.n_head=2", "--model.d_model=32",
+        "--model.d_ff=64", "--data.vocab_size=300", "--data.data_dir=data", "--task.batch_tokens=512",
+        "--task.max_source_len=24", "--task.max_target_len=24", "--task.eval_samples=8", "--task.beam_size=2",
+        "--train.max_steps=6", "--train.warmup_steps=2", "--train.eval_interval=3", "--train.ckpt_interval=3",
+        "--train.log_interval=1", "--train.progress=false", "--train.tensorboard=false", "--train.device=cpu",
+        "--train.dtype=float32"]
+WORDS = "red green blue cat dog sun moon tree house bird fish star".split()
+
+
+def lmforge(*args, cwd, stdin=None):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], cwd=cwd, input=stdin,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_clear_error(proc, words):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert words.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny translation run (with one bad row in its training file) and a tiny language model."""
+    root = tmp_path_factory.mktemp("tasks")
+    rng = np.random.default_rng(0)
+    rows = ["source\ttarget"]
+    for _ in range(60):
+        words = [WORDS[i] for i in rng.choice(len(WORDS), rng.integers(2, 5), replace=False)]
+        rows.append(" ".join(words) + "\t" + " ".join(reversed(words)))
+    (root / "train.tsv").write_text("\n".join(rows[:51] + ["a ragged row"] + [""]) + "\n", encoding="utf-8")
+    (root / "valid.tsv").write_text("\n".join(rows[:1] + rows[51:]) + "\n", encoding="utf-8")
+    proc = lmforge("finetune", "translation", "--train", "train.tsv", "--valid", "valid.tsv",
+                   "--train.out_dir=mt", *TINY, cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    (root / "corpus.txt").write_text("red green blue cat dog\n" * 100, encoding="utf-8")
+    proc = lmforge("train", "--data.corpus=corpus.txt", "--data.data_dir=lmdata", "--train.out_dir=lm",
+                   "--model.n_layer=1", "--model.d_model=32", "--model.n_head=2", "--model.block_size=16",
+                   "--train.max_steps=2", "--train.batch_size=2", "--train.eval_batches=1", "--train.progress=false",
+                   "--train.tensorboard=false", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return root, proc
+
+
+def test_finetune_writes_report_plots_and_counts_skipped_rows(runs):
+    root, _ = runs
+    run = root / "mt"
+    for name in ("metrics.jsonl", "loss.png", "bleu.png", "report.json", "valid.hyp.txt", "tokenizer.json"):
+        assert (run / name).is_file(), name
+    report = json.loads((run / "report.json").read_text())
+    assert report["steps"] == 6 and report["arch"] == "seq2seq"
+    assert report["train_examples"]["skipped"] == {"ragged rows (not 2 fields)": 1, "empty lines": 1}
+    assert set(report["valid"]["scores"]) == {"bleu", "chrf"} and report["valid"]["decoding"]["beam_size"] == 2
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_bleu" in r] == [3, 6]
+    assert len((run / "valid.hyp.txt").read_text().splitlines()) == 10
+
+
+def test_translate_arguments_stdin_and_eval(runs):
+    root, _ = runs
+    proc = lmforge("translate", "mt", "red cat", "blue dog sun", "--greedy", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 2
+    proc = lmforge("translate", "mt", "--batch-size", "2", "-b", "3", cwd=root, stdin="red cat\n\nsun moon\ntree\n")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 3
+    proc = lmforge("eval", "mt", "--file", "valid.tsv", "--output", "ev", "--beam-size", "1", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["examples"] == 10 and {"bleu", "chrf"} <= result.keys()
+    scores = json.loads((root / "ev" / "scores.json").read_text())
+    assert scores["decoding"]["beam_size"] == 1 and scores["scores"]["bleu"] == result["bleu"]
+    assert len((root / "ev" / "hypotheses.txt").read_text().splitlines()) == 10
+
+
+def test_resume_continues_exactly(runs, tmp_path):
+    """Three steps, then three more with --resume, end with the weights of six steps in one go."""
+    from safetensors.torch import load_file
+
+    root, _ = runs
+    args = ["finetune", "translation", "--train", root / "train.tsv", "--train.out_dir=r", *TINY,
+            "--task.valid_file=null", "--train.ckpt_interval=3"]
+    assert lmforge(*args, "--train.max_steps=3", cwd=tmp_path).returncode == 0
+    proc = lmforge(*args, "--resume", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    resumed = load_file(tmp_path / "r" / "checkpoints" / "step_000006" / "model.safetensors")
+    once = load_file(root / "mt" / "checkpoints" / "step_000006" / "model.safetensors")
+    # the full run evaluated (no randomness drawn) and used the same tokenizer file
+    for name in once:
+        torch.testing.assert_close(resumed[name], once[name], rtol=0, atol=0)
+
+
+def test_wrong_kind_of_checkpoint_and_bad_data_are_one_line_errors(runs):
+    root, _ = runs
+    assert_clear_error(lmforge("summarize", "mt", "valid.tsv", cwd=root), "is a translation checkpoint")
+    assert_clear_error(lmforge("translate", "lm", "red", cwd=root), "language-model checkpoint")
+    assert_clear_error(lmforge("generate", "mt", "-p", "red", cwd=root), "use `lmforge translate`")
+    (root / "nocol.tsv").write_text("english\tspanish\nred\trojo\n", encoding="utf-8")
+    assert_clear_error(lmforge("finetune", "translation", "--train", "nocol.tsv", "--train.out_dir=x", *TINY, cwd=root),
+                       "no column 'source'")
+    assert_clear_error(lmforge("finetune", "translation", "--train", "train.tsv", "--train.out_dir=mt", *TINY,
+                               cwd=root), "already holds checkpoints")
+    assert_clear_error(lmforge("finetune", "summarization", "--train", "train.tsv", "--train.out_dir=y", *TINY,
+                               cwd=root), "no column 'document'")
+
+
+def test_decoder_only_design_from_a_language_model(runs):
+    """The decoder-only design starts from the language model's weights and tokenizer, and decodes."""
+    root, _ = runs
+    args = ["finetune", "translation", "-c", "translation-bible-decoder", "--train", "train.tsv", "--valid",
+            "valid.tsv", "--init-from", "lm", "--train.out_dir=dec", *TINY[5:]]
+    proc = lmforge(*args, "--task.max_source_len=8", "--task.max_target_len=9", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert "all weights from" in proc.stdout
+    report = json.loads((root / "dec" / "report.json").read_text())
+    assert report["arch"] == "decoder" and report["train_lengths"]["long_sources"] > 0
+    proc = lmforge("translate", "dec", "red cat", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+
+
+# --------------------------------------------------------------------------------------------- shared data
+
+
+@pytest.mark.skipif(not (SHARED / "mt").is_dir(), reason="../shared/data/mt is absent")
+def test_reads_the_bible_pairs():
+    pairs, report = read_examples(SHARED / "mt" / "bible_en_es.valid.tsv", "source", "target")
+    assert report.kept == 211 and not report.skipped
+    assert pairs[0][0] and pairs[0][1]
+
+
+@pytest.mark.skipif(not (SHARED / "summarization").is_dir(), reason="../shared/data/summarization is absent")
+def test_reads_the_bbc_articles_and_scores_the_lead_baseline():
+    from lmforge.tasks.summarization import lead_baseline
+
+    pairs, report = read_examples(SHARED / "summarization" / "bbc_headlines.valid.jsonl", "document", "summary")
+    assert report.kept == 206 and not report.skipped
+    scores = lead_baseline([d for d, _ in pairs], [s for _, s in pairs], 8)
+    assert 5 < scores["rouge1"] < 60
