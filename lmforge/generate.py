@@ -113,7 +113,8 @@ def _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p, repetit
 
 def _prefill(model, windows: list[list[int]], max_len: int, device):
     """Run left-padded windows through the model into a fresh cache; return the last logits,
-    the cache, the attention mask and each row's next position."""
+    the cache, the attention mask (None when no row is padded: attention then takes its
+    unmasked fast path) and each row's next position."""
     B, width = len(windows), max(len(w) for w in windows)
     idx = torch.zeros(B, width, dtype=torch.long)
     mask = torch.zeros(B, width, dtype=torch.bool)
@@ -123,11 +124,14 @@ def _prefill(model, windows: list[list[int]], max_len: int, device):
     idx, mask = idx.to(device), mask.to(device)
     positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
     cache = model.new_cache(B, max_len)
+    next_pos = mask.long().sum(dim=1)
+    if all(len(w) == width for w in windows):
+        mask = None
     logits = model(idx, attention_mask=mask, positions=positions, cache=cache, last_only=True)[:, -1]
-    return logits, cache, mask, mask.long().sum(dim=1)
+    return logits, cache, mask, next_pos
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model,
     prompts: list[list[int]],
@@ -150,6 +154,9 @@ def generate(
     probability mass. ``repetition_penalty`` > 1 discourages tokens already in the prompt or output.
     ``generator`` (on the model's device) makes sampling reproducible.
     """
+    if getattr(model.cfg, "arch", "decoder") != "decoder":
+        raise LMForgeError(f"this checkpoint is a model.arch={model.cfg.arch} model, which generate() cannot continue "
+                           "text with; use a decoder (language model) checkpoint")
     block_size = model.cfg.block_size
     vocab_size = model.cfg.vocab_size
     _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, block_size, vocab_size)
@@ -178,7 +185,8 @@ def generate(
                 logits, cache, mask, next_pos = _prefill(model, windows, min(block_size, width + still_to_feed), device)
             else:
                 # Feed the token chosen last step (one per row) at each row's next position.
-                mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.bool, device=device)], dim=1)
+                if mask is not None:
+                    mask = torch.cat([mask, torch.ones(rows, 1, dtype=torch.bool, device=device)], dim=1)
                 logits = model(chosen[:, None], attention_mask=mask, positions=next_pos[:, None], cache=cache)[:, -1]
                 next_pos = next_pos + 1
 
@@ -263,3 +271,32 @@ def generate_text(
             if tail:
                 stream(row, tail)
     return [tokenizer.decode(t) for t in new_tokens]
+
+
+# ----------------------------------------------------------------------------------------------
+# Faster CPU decoding
+
+
+def quantize_int8(model):
+    """A copy of ``model`` for fast decoding on CPUs: every ``nn.Linear`` (the output head included)
+    becomes PyTorch's dynamically quantized int8 linear layer, with int8 weights per output channel
+    and activations quantized on the fly at each call (fbgemm / x86 kernels).
+
+    Decoding is bound by reading the weights, and int8 weights are a quarter of float32's bytes:
+    on a CPU without fast bf16 matmuls this is the fastest way to sample. Outputs are close to
+    float32's but not equal, so greedy continuations can differ; embeddings stay float32.
+    """
+    import warnings
+
+    import torch.nn as nn
+
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError:
+        raise LMForgeError("this PyTorch build has no dynamic int8 quantization; decode in float32 instead") from None
+    if next(model.parameters()).device.type != "cpu":
+        raise LMForgeError("int8 quantization runs on the CPU only; move the model to the CPU or keep float32 on GPUs")
+    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
+        warnings.simplefilter("ignore")
+        quantized = quantize_dynamic(model.float().eval(), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+    return quantized
