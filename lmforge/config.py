@@ -268,7 +268,8 @@ class TrainConfig:
 class TaskConfig:
     """Sequence-to-sequence tasks (`lmforge finetune`): example files, lengths, batches, loss, decoding."""
 
-    #: task: lm (language modelling, `lmforge train`), translation or summarization
+    #: task: lm (language modelling, `lmforge train`), translation, summarization, sentiment (text
+    #: classification) or srl (semantic role labelling)
     name: str = "lm"
     #: training examples: TSV with a header row naming the columns, or JSONL (one object per line)
     train_file: str | None = None
@@ -310,11 +311,30 @@ class TaskConfig:
     max_len_a: float = 1.5
     #: see max_len_a
     max_len_b: int = 10
+    #: sentiment/srl: label names (filled from the training file; kept in the checkpoint)
+    labels: list[str] = field(default_factory=list)
+    #: srl: predicate sense numbers (e.g. 01, 02), filled from the training file; empty = no senses
+    senses: list[str] = field(default_factory=list)
+    #: sentiment: how one vector is drawn from the token states: first, mean, last, or auto
+    #: (last for a causal decoder, mean for an encoder)
+    pooling: str = "auto"
+    #: sentiment/srl: full (train every weight), frozen (train the head only) or lora (head + low-rank adapters)
+    tuning: str = "full"
+    #: lora: rank of the adapters on the attention and feed-forward weights
+    lora_rank: int = 8
+    #: lora: the adapter's output is scaled by lora_alpha / lora_rank
+    lora_alpha: float = 16.0
+    #: lora: dropout on the adapter's input
+    lora_dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_choice("task.name", self.name, ("lm", "translation", "summarization"))
+        _check_choice("task.name", self.name, ("lm", "translation", "summarization", "sentiment", "srl"))
+        _check_choice("task.pooling", self.pooling, ("auto", "first", "mean", "last"))
+        _check_choice("task.tuning", self.tuning, ("full", "frozen", "lora"))
+        if self.lora_rank < 1:
+            raise LMForgeError(f"task.lora_rank must be at least 1, got {self.lora_rank}")
         _check_choice("task.overlong", self.overlong, ("truncate", "skip"))
-        _check_choice("task.metric", self.metric, ("bleu", "chrf", "rouge1", "rouge2", "rougeL"))
+        _check_choice("task.metric", self.metric, ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "accuracy", "macro_f1", "f1"))
         for name in ("max_source_len", "max_target_len", "batch_tokens", "beam_size", "eval_beam_size"):
             if getattr(self, name) < 1:
                 raise LMForgeError(f"task.{name} must be at least 1, got {getattr(self, name)}")
