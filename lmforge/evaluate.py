@@ -44,6 +44,9 @@ def evaluate_checkpoint(model, cfg, tokenizer, text_file: str | None = None, spl
     from lmforge.data.shards import TokenDataset
     from lmforge.train.loop import evaluate
 
+    if cfg.model.arch != "decoder":
+        raise LMForgeError(f"this checkpoint is a model.arch={cfg.model.arch} model; lmforge eval measures a "
+                           "language model's next-token loss, so give a decoder checkpoint")
     block = cfg.model.block_size
     if text_file is not None:
         dataset = text_dataset(text_file, tokenizer)

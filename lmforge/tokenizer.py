@@ -130,7 +130,21 @@ class Tokenizer:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise LMForgeError(f"{file} is not a valid tokenizer.json ({first}); "
                                "recreate it with `lmforge prepare`") from None
-        return cls(hf)
+        tokenizer = cls(hf)
+        tokenizer._use_configured_eos(file.with_name("tokenizer_config.json"))
+        return tokenizer
+
+    def _use_configured_eos(self, config: Path) -> None:
+        """A Hugging Face ``tokenizer_config.json`` beside the file (an imported model's) may name the
+        end-of-text token; Llama's ``</s>`` is not its first special token, so take it from there."""
+        try:
+            eos = json.loads(config.read_text(encoding="utf-8")).get("eos_token") if config.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            return
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if isinstance(eos, str) and self._hf.token_to_id(eos) is not None:
+            self.eot_id = self._hf.token_to_id(eos)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write ``tokenizer.json`` (to ``path`` itself if it ends in .json, else inside the directory ``path``)."""

@@ -495,3 +495,51 @@ def test_cli_import_export_and_their_errors(tmp_path, tok, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and words in err[0]
+
+
+def test_encoder_checkpoint_is_refused_by_generate_and_eval(tmp_path, tok, capsys):
+    import_checkpoint(hf_dir(tmp_path, bert_model(tok.vocab_size), tok), tmp_path / "bert", log=quiet)
+    (tmp_path / "text.txt").write_text(TEXT * 5, encoding="utf-8")
+    capsys.readouterr()
+    for argv in (["generate", str(tmp_path / "bert"), "--prompt", "The", "-n", "3", "--no-stream"],
+                 ["eval", str(tmp_path / "bert"), "--file", str(tmp_path / "text.txt")]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "model.arch=encoder" in err[0], err
+
+
+def test_end_of_text_token_comes_from_tokenizer_config(tmp_path):
+    """Llama's </s> is not its first special token: the imported tokenizer_config.json names it."""
+    llama_tok = Tokenizer.train([TEXT * 20], kind="bpe", vocab_size=320, special_tokens=["<unk>", "<s>", "</s>"])
+    path = hf_dir(tmp_path, llama_model(llama_tok.vocab_size), llama_tok)
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "bos_token": {"content": "<s>"}}))
+    import_checkpoint(path, tmp_path / "ours", log=quiet)
+    _, _, tokenizer = load_model(tmp_path / "ours")
+    assert tokenizer.eot_id == llama_tok.token_to_id("</s>") == 2
+    export_checkpoint(tmp_path / "ours", tmp_path / "back", log=quiet)
+    config = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "back").eos_token == "</s>"
+
+
+def test_int8_decoding_stays_close_to_float32(tok):
+    from lmforge.generate import quantize_int8
+
+    ours = from_transformers_gpt2(tok.vocab_size)
+    fast = quantize_int8(ours)
+    assert isinstance(ours.lm_head, torch.nn.Linear) and ours.lm_head.weight is ours.tok_emb.weight  # untouched
+    torch.manual_seed(0)
+    idx = torch.randint(0, tok.vocab_size, (2, 16))
+    with torch.no_grad():
+        exact, approx = ours(idx), fast(idx)
+    error = (approx - exact).abs().mean() / exact.abs().mean()
+    agree = (approx.argmax(-1) == exact.argmax(-1)).float().mean()
+    assert error < 0.1 and agree > 0.75, (error, agree)  # int8 rounding, on deliberately large random weights
+    assert len(generate(fast, [[1, 2, 3], [4]], max_new_tokens=8, greedy=True)[1]) == 8
+
+
+def from_transformers_gpt2(V):
+    from lmforge.interop import from_transformers
+
+    return from_transformers(gpt2_model(V))
