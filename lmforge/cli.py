@@ -199,6 +199,8 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.tasks.trainer import finetune
 
     _check_overrides("finetune", overrides)
+    if args.task in HEAD_TASKS:  # sentiment, srl: a head on a pretrained trunk (lmforge.tasks.head_trainer)
+        return _finetune_head(args, overrides)
     spec = TASKS[args.task]
     base = {"task": {"name": spec.NAME, "source_key": spec.SOURCE_KEY, "target_key": spec.TARGET_KEY,
                      "metric": spec.METRICS[0]}}
@@ -216,6 +218,67 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> None:
     summary = finetune(cfg, resume=args.resume)
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))} |
                      ({"valid": summary["valid"]["scores"]} if "valid" in summary else {}), indent=2, default=str))
+
+
+# ------------------------------------------------------------------------------- tasks (sentiment, srl)
+
+HEAD_TASKS = ("sentiment", "srl")
+
+
+def _finetune_head(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.config import load_config
+
+    recipe = args.config or f"{args.task}-tiny"
+    base = {"task": {"name": args.task, "source_key": "text", "target_key": "label",
+                     "metric": "macro_f1" if args.task == "sentiment" else "f1"}}
+    cfg = load_config(recipe, overrides, base=base)
+    if cfg.task.name != args.task:
+        raise LMForgeError(f"recipe {recipe!r} is for task {cfg.task.name!r}, not {args.task}; use a {args.task} recipe")
+    for flag, key in (("train", "train_file"), ("valid", "valid_file")):
+        if getattr(args, flag) is not None:
+            setattr(cfg.task, key, getattr(args, flag) or None)
+    if args.init_from:
+        cfg.train.init_from = args.init_from
+    if args.quiet:
+        cfg.train.progress = False
+    if args.task == "sentiment":
+        from lmforge.tasks.sentiment import finetune_sentiment as run
+    else:
+        from lmforge.tasks.srl import finetune_srl as run
+    summary = run(cfg, resume=args.resume)
+    shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+    if isinstance(summary.get("valid"), dict):
+        shown["valid"] = {k: v for k, v in summary["valid"].items() if isinstance(v, (int, float))}
+    print(json.dumps(shown, indent=2, default=str))
+
+
+def _text_inputs(args: argparse.Namespace) -> list[str]:
+    """The TEXT arguments, else --file lines, else stdin lines (empty lines skipped)."""
+    if args.text:
+        texts = [_unescape(t) for t in args.text]
+    elif args.file:
+        p = Path(args.file)
+        if not p.is_file():
+            raise LMForgeError(f"input file {p} not found; give a text file with one input per line")
+        texts = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    elif not sys.stdin.isatty():
+        texts = [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
+    else:
+        raise LMForgeError("no input; give the text as an argument, --file FILE, or pipe lines into stdin")
+    if not texts or not any(t.strip() for t in texts):
+        raise LMForgeError("the input is empty; give at least one non-empty text")
+    return texts
+
+
+def cmd_classify(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.tasks.sentiment import Classifier, print_predictions
+
+    if overrides:
+        raise LMForgeError(f"unknown option {overrides[0]!r} for classify; see `lmforge classify --help`")
+    texts = _text_inputs(args)
+    classifier = Classifier(args.checkpoint, device=args.device)
+    for batch in _batches(texts, args.batch_size):
+        print_predictions(batch, classifier(batch, args.batch_size), as_json=args.json)
 
 
 def _decoding_from_args(task_cfg, args: argparse.Namespace):
@@ -387,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with the loss on the target only). Writes checkpoints, metrics.jsonl, loss.png, "
                                    "<metric>.png, valid.hyp.txt and report.json to train.out_dir.",
                        epilog=epilog, formatter_class=fmt)
-    p.add_argument("task", choices=["translation", "summarization"], help="the task")
+    p.add_argument("task", choices=["translation", "summarization", *HEAD_TASKS],
+                   help="the task (sentiment: TSV text/label; srl: CoNLL-U Plus as in Universal PropBank)")
     p.add_argument("--config", "-c", default=None, metavar="RECIPE",
                    help="recipe name in configs/ or YAML path (default: translation-bible / summarization-bbc)")
     p.add_argument("--train", default=None, metavar="FILE", help="training examples (sets task.train_file)")
@@ -428,6 +492,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whole", action="store_true", help="the whole file is one document")
     decoding_args(p, 16)
     p.set_defaults(func=cmd_summarize)
+
+    p = sub.add_parser("classify", help="label texts with a sentiment (text classification) checkpoint",
+                       description="Print the label and the probability of every label for each TEXT argument, "
+                                   "each line of --file, or each line piped into stdin: label<TAB>probabilities<TAB>text "
+                                   "(or one JSON object per line with --json).")
+    p.add_argument("checkpoint", help="run directory or checkpoint directory from `lmforge finetune sentiment`")
+    p.add_argument("text", nargs="*", help="texts to label (default: --file, or stdin lines)")
+    p.add_argument("--file", "-f", default=None, help="one text per line")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--batch-size", type=int, default=64, help="texts run together (default: 64)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("plot", help="PNG of a run's train/val loss curves",
                        description="Write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl and print its path.")

@@ -1,0 +1,292 @@
+"""Sentiment analysis (any text classification): TSV ``text``/``label`` in, a label and probabilities out.
+
+``lmforge finetune sentiment --train a.tsv --valid b.tsv --init-from CKPT`` puts a
+:class:`~lmforge.model.heads.SequenceClassifier` on a trunk and trains it (``tasks.head_trainer``);
+``lmforge classify CKPT "text"`` labels texts. Scores: accuracy, macro-F1, per-class precision,
+recall and F1, and the confusion matrix (``confusion.png`` in the run directory).
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.config import Config
+from lmforge.errors import LMForgeError
+from lmforge.model.heads import SequenceClassifier, Special, pad_batch
+from lmforge.tasks.head_trainer import (HeadTask, build_task_model, load_task_checkpoint, prepare_run,
+                                        seed_everything, train_head, write_report)
+
+NAME = "sentiment"
+RECIPE = "sentiment-minilm"
+SOURCE_KEY, TARGET_KEY = "text", "label"
+METRICS = ("accuracy", "macro_f1")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def read_labelled(path: str | Path, text_key: str = SOURCE_KEY, label_key: str = TARGET_KEY,
+                  with_labels: bool = True) -> list[tuple[str, str | None, int]]:
+    """(text, label, line number) rows of a TSV file with a header row. Unquoted fields, split on tabs."""
+    p = Path(path)
+    if not p.is_file():
+        raise LMForgeError(f"file {p} not found; give a TSV file with a header row ({text_key}<TAB>{label_key})")
+    rows = []
+    with p.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader, None)
+        if header is None:
+            raise LMForgeError(f"{p} is empty; give a TSV file with a header row ({text_key}<TAB>{label_key})")
+        for key in (text_key,) + ((label_key,) if with_labels else ()):
+            if key not in header:
+                raise LMForgeError(f"{p}:1: no column {key!r} in the header {header}; name the columns "
+                                   f"{text_key} and {label_key} (or set task.source_key / task.target_key)")
+        ti = header.index(text_key)
+        li = header.index(label_key) if label_key in header else None
+        for fields in reader:
+            line = reader.line_num
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue
+            if len(fields) != len(header):
+                raise LMForgeError(f"{p}:{line}: {len(fields)} fields but the header has {len(header)}; "
+                                   "one tab between fields, no tabs inside a field")
+            text = fields[ti].strip()
+            label = fields[li].strip() if li is not None else None
+            if not text:
+                raise LMForgeError(f"{p}:{line}: the {text_key} field is empty; give a text or remove the line")
+            if with_labels and not label:
+                raise LMForgeError(f"{p}:{line}: the {label_key} field is empty; give a label or remove the line")
+            rows.append((text, label, line))
+    if not rows:
+        raise LMForgeError(f"{p} holds no examples below its header; add rows of {text_key}<TAB>{label_key}")
+    return rows
+
+
+def label_names(rows) -> list[str]:
+    """Sorted distinct labels; at least two."""
+    names = sorted({label for _, label, _ in rows})
+    if len(names) < 2:
+        raise LMForgeError(f"the training file has only the label {names}; a classifier needs two or more")
+    return names
+
+
+def encode(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    """Token ids with the trunk's special tokens around them, cut to max_len tokens."""
+    special = Special.from_tokenizer(tokenizer)
+    room = max_len - special.room
+    return [special.wrap(ids[:room]) for ids in tokenizer.encode_batch(texts)]
+
+
+def make_examples(rows, tokenizer, labels: list[str], max_len: int, path: str | Path) -> list[dict]:
+    index = {name: i for i, name in enumerate(labels)}
+    for text, label, line in rows:
+        if label not in index:
+            raise LMForgeError(f"{path}:{line}: label {label!r} is not one of the model's labels {labels}; "
+                               "fix the label or add examples of it to the training file")
+    ids = encode(tokenizer, [t for t, _, _ in rows], max_len)
+    return [{"ids": i, "label": index[label], "text": text} for i, (text, label, _) in zip(ids, rows)]
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def classification_scores(gold: list[int], pred: list[int], labels: list[str]) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix
+    (rows = gold label, columns = predicted label)."""
+    n = len(labels)
+    confusion = [[0] * n for _ in range(n)]
+    for g, p in zip(gold, pred):
+        confusion[g][p] += 1
+    per_class, f1s = {}, []
+    for i, name in enumerate(labels):
+        tp = confusion[i][i]
+        predicted = sum(confusion[r][i] for r in range(n))
+        support = sum(confusion[i])
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": support}
+        f1s.append(f1)
+    total = max(len(gold), 1)
+    return {"accuracy": sum(confusion[i][i] for i in range(n)) / total, "macro_f1": sum(f1s) / n,
+            "per_class": per_class, "confusion": confusion, "labels": labels, "examples": len(gold)}
+
+
+def format_scores(scores: dict[str, Any]) -> str:
+    lines = [f"accuracy {scores['accuracy']:.4f}, macro-F1 {scores['macro_f1']:.4f} ({scores['examples']} examples)",
+             f"{'label':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
+    for name, s in scores["per_class"].items():
+        lines.append(f"{name:<16}{s['precision']:>10.4f}{s['recall']:>10.4f}{s['f1']:>10.4f}{s['support']:>9}")
+    return "\n".join(lines)
+
+
+def plot_confusion(scores: dict[str, Any], path: str | Path, title: str = "confusion matrix") -> Path:
+    """PNG of the confusion matrix, counts in the cells."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels, m = scores["labels"], scores["confusion"]
+    size = 2.5 + 0.6 * len(labels)
+    fig = Figure(figsize=(size + 1, size), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(m, cmap="Blues")
+    fig.colorbar(im, ax=ax)
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    top = max(max(r) for r in m) or 1
+    for i, row in enumerate(m):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------- the task
+
+
+def _collate(pad: int) -> Callable[[list[dict]], dict]:
+    def collate(examples: list[dict]) -> dict:
+        ids, mask = pad_batch([e["ids"] for e in examples], pad)
+        return {"ids": ids, "mask": mask, "labels": torch.tensor([e["label"] for e in examples]),
+                "examples": examples}
+    return collate
+
+
+def _loss(model, batch) -> tuple[torch.Tensor, int]:
+    logits = model(batch["ids"], batch["mask"])
+    return F.cross_entropy(logits, batch["labels"], reduction="sum"), len(batch["examples"])
+
+
+@torch.no_grad()
+def predict_ids(model, examples: list[dict], pad: int, batch_size: int = 64) -> torch.Tensor:
+    """Probabilities [N, n_labels], in the order of ``examples`` (batched by length for speed)."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["ids"]))
+    out = torch.empty(len(examples), model.classifier.out_features)
+    for s in range(0, len(order), batch_size):
+        rows = order[s: s + batch_size]
+        ids, mask = pad_batch([examples[i]["ids"] for i in rows], pad)
+        out[rows] = F.softmax(model(ids.to(device), mask.to(device)).float(), -1).cpu()
+    return out
+
+
+def sentiment_task(tokenizer, cfg: Config) -> HeadTask:
+    pad = Special.from_tokenizer(tokenizer).pad
+    labels = cfg.task.labels
+
+    def build(trunk, cfg):
+        return SequenceClassifier(trunk, len(cfg.task.labels), cfg.task.pooling, dropout=0.1)
+
+    def evaluate(model, examples):
+        probs = predict_ids(model, examples, pad)
+        return classification_scores([e["label"] for e in examples], probs.argmax(-1).tolist(), labels)
+
+    return HeadTask(build=build, collate=_collate(pad), loss=_loss, evaluate=evaluate)
+
+
+def finetune_sentiment(cfg: Config, resume: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train a classifier on task.train_file (TSV), score it on task.valid_file; returns the summary."""
+    from tqdm import tqdm
+
+    from lmforge.tokenizer import Tokenizer
+
+    say = say or tqdm.write
+    task = cfg.task
+    if not task.train_file:
+        raise LMForgeError("no training examples; pass --train FILE (TSV with columns text and label)")
+    train_rows = read_labelled(task.train_file, task.source_key, task.target_key)
+    valid_rows = read_labelled(task.valid_file, task.source_key, task.target_key) if task.valid_file else None
+    trunk, tok_path, state, _ = prepare_run(cfg, NAME, resume, say)
+    if not resume:
+        task.labels = label_names(train_rows)
+    tokenizer = Tokenizer.load(tok_path)
+    head = sentiment_task(tokenizer, cfg)
+    seed_everything(cfg.train.seed)
+    model = build_task_model(head, cfg, trunk)
+    if state is not None:
+        from lmforge.train import checkpoint as ckpt_io
+
+        ckpt_io.load_weights(model, ckpt_io.latest_checkpoint(cfg.train.out_dir))
+    max_len = min(task.max_source_len, cfg.model.block_size)
+    train_ex = make_examples(train_rows, tokenizer, task.labels, max_len, task.train_file)
+    valid_ex = make_examples(valid_rows, tokenizer, task.labels, max_len, task.valid_file) if valid_rows else None
+    say(f"labels: {', '.join(task.labels)}; train {len(train_ex):,}, valid {len(valid_ex or []):,}")
+    summary = train_head(cfg, head, model, train_ex, valid_ex, tok_path, state, say)
+    if valid_ex:
+        import time
+
+        model.eval()
+        start = time.perf_counter()
+        probs = predict_ids(model, valid_ex, head_pad(tokenizer))
+        seconds = time.perf_counter() - start
+        scores = classification_scores([e["label"] for e in valid_ex], probs.argmax(-1).tolist(), task.labels)
+        scores["examples_per_second"] = len(valid_ex) / max(seconds, 1e-9)
+        summary["valid"] = scores
+        say(format_scores(scores))
+        try:
+            summary["confusion_png"] = str(plot_confusion(scores, Path(cfg.train.out_dir) / "confusion.png",
+                                                          f"{Path(task.valid_file).name}: confusion matrix"))
+        except Exception as e:  # a missing plot must not lose a finished run
+            say(f"could not draw the confusion matrix: {e}")
+    write_report(cfg.train.out_dir, summary)
+    return summary
+
+
+def head_pad(tokenizer) -> int:
+    return Special.from_tokenizer(tokenizer).pad
+
+
+# -------------------------------------------------------------------------------------------- inference
+
+
+class Classifier:
+    """A trained classifier: texts in, (label, {label: probability}) out."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        from lmforge.config import Config as _C  # noqa: F401  (typing only)
+
+        self.model, self.cfg, self.tokenizer = load_task_checkpoint(path, _DeferredTask(), NAME, device)
+        self.labels = self.cfg.task.labels
+        self.max_len = min(self.cfg.task.max_source_len, self.cfg.model.block_size)
+
+    def __call__(self, texts: list[str], batch_size: int = 64) -> list[tuple[str, dict[str, float]]]:
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise LMForgeError(f"input {i + 1} is empty; give a non-empty text")
+        examples = [{"ids": ids} for ids in encode(self.tokenizer, texts, self.max_len)]
+        probs = predict_ids(self.model, examples, head_pad(self.tokenizer), batch_size)
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append((self.labels[best], dict(zip(self.labels, row))))
+        return out
+
+
+class _DeferredTask:
+    """The sentiment HeadTask for loading: only ``build`` is needed."""
+
+    @staticmethod
+    def build(trunk, cfg):
+        return SequenceClassifier(trunk, len(cfg.task.labels), cfg.task.pooling, dropout=0.1)
+
+
+def print_predictions(texts: list[str], results, file=sys.stdout, as_json: bool = False) -> None:
+    import json
+
+    for text, (label, probs) in zip(texts, results):
+        if as_json:
+            print(json.dumps({"text": text, "label": label, "probabilities": probs}), file=file)
+        else:
+            shown = " ".join(f"{k}={v:.3f}" for k, v in probs.items())
+            print(f"{label}\t{shown}\t{text}", file=file)
