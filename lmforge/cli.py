@@ -281,6 +281,29 @@ def cmd_classify(args: argparse.Namespace, overrides: list[str]) -> None:
         print_predictions(batch, classifier(batch, args.batch_size), as_json=args.json)
 
 
+def cmd_srl(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.tasks.srl import describe, evaluate_sentences, load_labeller, sentence_from_text
+    from lmforge.tasks.srl_data import format_score, read_conllu, write_conllu
+
+    if overrides:
+        raise LMForgeError(f"unknown option {overrides[0]!r} for srl; see `lmforge srl --help`")
+    labeller, _ = load_labeller(args.checkpoint, device=args.device)
+    if args.conllu:  # sentences with gold words: label them, and score them when they are annotated
+        gold = read_conllu(args.conllu)
+        if any(s.predicates for s in gold):
+            result = evaluate_sentences(labeller, gold)
+            print(format_score(result["gold_predicates"], "gold predicates:"))
+            print(format_score(result["end_to_end"], "predicted predicates:"))
+        predicted = labeller.label(gold, [s.predicates for s in gold] if args.gold_predicates else None)
+    else:
+        predicted = labeller.label([sentence_from_text(t, i + 1) for i, t in enumerate(_text_inputs(args))])
+        for s in predicted:
+            print(describe(s))
+    if args.output:
+        write_conllu(predicted, args.output)
+        print(f"wrote {args.output}", file=sys.stderr)
+
+
 def _decoding_from_args(task_cfg, args: argparse.Namespace):
     from lmforge.tasks.model import Decoding
 
@@ -504,6 +527,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="texts run together (default: 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("srl", help="semantic roles: predicates, senses and arguments of sentences",
+                       description="Find each predicate of each sentence (TEXT arguments, --file lines or stdin lines), "
+                                   "its sense and its arguments (label and head word), and print them; --output writes "
+                                   "CoNLL-U Plus. With --conllu, label the sentences of a CoNLL-U Plus file (and score "
+                                   "them with gold and with predicted predicates when it is annotated).")
+    p.add_argument("checkpoint", help="run directory or checkpoint directory from `lmforge finetune srl`")
+    p.add_argument("text", nargs="*", help="sentences (default: --file, or stdin lines)")
+    p.add_argument("--file", "-f", default=None, help="one sentence per line")
+    p.add_argument("--conllu", default=None, metavar="FILE", help="label (and score) the sentences of this CoNLL-U Plus file")
+    p.add_argument("--gold-predicates", action="store_true",
+                   help="with --conllu: write roles for the file's own predicates instead of predicted ones")
+    p.add_argument("--output", "-o", default=None, help="write the predictions as CoNLL-U Plus to this file")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    p.set_defaults(func=cmd_srl)
 
     p = sub.add_parser("plot", help="PNG of a run's train/val loss curves",
                        description="Write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl and print its path.")

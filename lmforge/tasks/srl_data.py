@@ -86,7 +86,7 @@ class Sentence:
                 w = words.index(i)
                 rows.append(base + [sense_of.get(w, NONE)] + ([col[w] for col in labels] if labels else [""]))
             else:  # an empty node: keep its first ten fields
-                rows.append(base + [NONE, ""] if labels else base + [NONE, ""])
+                rows.append(base + ["", ""])
         return Sentence(list(self.comments), rows, self.line, self.path)
 
 

@@ -1,0 +1,342 @@
+"""Semantic role labelling: find the predicates of a sentence, their senses, and each one's arguments.
+
+One trunk, three small heads (:class:`SRLModel`):
+
+- predicate identification: tag every word predicate / not (one pass per sentence);
+- roles: for one predicate, tag every word with its role (ARG0, ARGM-TMP, ..., ``_`` for none).
+  The predicate's position enters as an indicator embedding added to the input (1 on the
+  predicate's tokens, 0 elsewhere), so one pass per (sentence, predicate) pair, batched;
+- senses (optional): the sense number (01, 02, ...) from the predicate's state in its role pass.
+
+Labels sit on each word's first subword (:func:`lmforge.model.heads.align_words`); the other
+subwords and the special tokens are ignored by the loss. ``lmforge finetune srl`` trains on
+CoNLL-U Plus files; ``lmforge srl CKPT "sentence"`` labels raw sentences end to end.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lmforge.config import Config
+from lmforge.errors import LMForgeError
+from lmforge.model.heads import (IGNORE_INDEX, Special, TokenClassifier, align_words, first_subword_labels,
+                                 first_subword_positions, pad_batch, pad_labels, token_loss)
+from lmforge.tasks.head_trainer import (HeadTask, build_task_model, load_task_checkpoint, prepare_run,
+                                        seed_everything, train_head, write_report)
+from lmforge.tasks.srl_data import NONE, Sentence, format_score, read_conllu, score, write_conllu
+
+NAME = "srl"
+RECIPE = "srl-tiny"
+METRICS = ("f1",)
+#: the role label of a word that is no argument (the file's ``_``)
+O = NONE
+
+
+class SRLModel(nn.Module):
+    """Trunk with a predicate indicator; role, predicate and (optional) sense classifiers."""
+
+    def __init__(self, trunk: nn.Module, n_roles: int, n_senses: int = 0, dropout: float = 0.1):
+        super().__init__()
+        self.tagger = TokenClassifier(trunk, n_roles, n_indicator=2, dropout=dropout)
+        self.trunk = trunk
+        d = trunk.cfg.d_model
+        self.predicate = nn.Linear(d, 2)
+        self.sense = nn.Linear(d, n_senses) if n_senses else None
+
+    def forward(self, ids, mask, indicator):
+        """(hidden [B, T, d], role logits [B, T, n_roles], predicate logits [B, T, 2])."""
+        h = self.tagger.states(ids, mask, indicator)
+        return h, self.tagger.classifier(h).float(), self.predicate(h).float()
+
+
+# ---------------------------------------------------------------------------------------- examples
+
+
+def sense_number(sense: str) -> str:
+    """``nominate.01`` -> ``01``."""
+    return sense.rsplit(".", 1)[1] if "." in sense else sense
+
+
+class Encoder:
+    """Sentences to model inputs: tokens, word alignment, and label ids."""
+
+    def __init__(self, tokenizer, roles: list[str], senses: list[str], max_len: int):
+        self.tokenizer, self.special, self.max_len = tokenizer, Special.from_tokenizer(tokenizer), max_len
+        self.roles, self.senses = roles, senses
+        self.role_id = {r: i for i, r in enumerate(roles)}
+        self.sense_id = {s: i for i, s in enumerate(senses)}
+
+    def tokens(self, words: list[str]) -> tuple[list[int], list[int]]:
+        ids, owners = align_words(self.tokenizer, words)
+        room = self.max_len - self.special.room
+        ids, owners = ids[:room], owners[:room]
+        if self.special.bos is not None:
+            owners = [-1] + owners
+        if self.special.eos is not None:
+            owners = owners + [-1]
+        return self.special.wrap(ids), owners
+
+    def sentence_examples(self, s: Sentence, where: str = "") -> list[dict]:
+        """One predicate-identification example, and one role example per predicate."""
+        ids, owners = self.tokens(s.words)
+        n = len(s.words)
+        preds = s.predicates
+        is_pred = [0] * n
+        for p in preds:
+            is_pred[p] = 1
+        out = [{"ids": ids, "owners": owners, "pred": -1, "pid": first_subword_labels(owners, is_pred)}]
+        first = first_subword_positions(owners, n)
+        for k, (p, sense) in enumerate(zip(preds, s.senses)):
+            if first[p] < 0:  # the predicate was cut off with the end of a long sentence
+                continue
+            labels = []
+            for w, label in enumerate(s.arguments()[k]):
+                if label not in self.role_id:
+                    raise LMForgeError(f"{where}{s.path}:{s.row_lines[s.word_rows[w]]}: role {label!r} is not among "
+                                       f"the model's labels; fix the label or add it to the training file")
+                labels.append(self.role_id[label])
+            out.append({"ids": ids, "owners": owners, "pred": p,
+                        "roles": first_subword_labels(owners, labels),
+                        "sense": self.sense_id.get(sense_number(sense), IGNORE_INDEX)})
+        return out
+
+    def collate(self, examples: list[dict]) -> dict:
+        ids, mask = pad_batch([e["ids"] for e in examples], self.special.pad)
+        T = ids.size(1)
+        indicator = torch.zeros_like(ids)
+        sense_pos = torch.full((len(examples),), -1, dtype=torch.long)
+        for i, e in enumerate(examples):
+            if e["pred"] >= 0:
+                toks = [t for t, w in enumerate(e["owners"]) if w == e["pred"]]
+                indicator[i, toks] = 1
+                sense_pos[i] = toks[0]
+        roles = pad_labels([e.get("roles", []) for e in examples], T)
+        pid = pad_labels([e.get("pid", []) for e in examples], T)
+        sense = torch.tensor([e.get("sense", IGNORE_INDEX) for e in examples], dtype=torch.long)
+        return {"ids": ids, "mask": mask, "indicator": indicator, "roles": roles, "pid": pid,
+                "sense_pos": sense_pos, "sense": sense, "examples": examples}
+
+
+def role_inventory(sentences: list[Sentence]) -> tuple[list[str], list[str]]:
+    """(role labels with ``_`` first, sense numbers) seen in annotated sentences."""
+    roles, senses = set(), set()
+    for s in sentences:
+        if s.annotated:
+            for col in s.arguments():
+                roles.update(col)
+            senses.update(sense_number(x) for x in s.senses)
+    roles.discard(O)
+    return [O] + sorted(roles), sorted(senses)
+
+
+def _loss(model: SRLModel, batch: dict) -> tuple[torch.Tensor, int]:
+    h, role_logits, pid_logits = model(batch["ids"], batch["mask"], batch["indicator"])
+    loss = token_loss(role_logits, batch["roles"], "sum") + token_loss(pid_logits, batch["pid"], "sum")
+    count = int((batch["roles"] != IGNORE_INDEX).sum() + (batch["pid"] != IGNORE_INDEX).sum())
+    if model.sense is not None:
+        rows = (batch["sense_pos"] >= 0).nonzero().squeeze(-1)
+        if len(rows):
+            states = h[rows, batch["sense_pos"][rows]]
+            loss = loss + F.cross_entropy(model.sense(states).float(), batch["sense"][rows],
+                                          ignore_index=IGNORE_INDEX, reduction="sum")
+            count += int((batch["sense"][rows] != IGNORE_INDEX).sum())
+    return loss, count
+
+
+# --------------------------------------------------------------------------------------------- predict
+
+
+class Labeller:
+    """Predicates, senses and roles for sentences (gold or predicted predicates), as CoNLL-U Plus."""
+
+    def __init__(self, model: SRLModel, encoder: Encoder, batch_size: int = 64):
+        self.model, self.enc, self.batch_size = model, encoder, batch_size
+
+    @torch.no_grad()
+    def _run(self, examples: list[dict]):
+        device = next(self.model.parameters()).device
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i]["ids"]))
+        out: list[Any] = [None] * len(examples)
+        for s in range(0, len(order), self.batch_size):
+            rows = order[s: s + self.batch_size]
+            batch = self.enc.collate([examples[i] for i in rows])
+            h, role_logits, pid_logits = self.model(batch["ids"].to(device), batch["mask"].to(device),
+                                                    batch["indicator"].to(device))
+            for j, i in enumerate(rows):
+                sense = None
+                if self.model.sense is not None and batch["sense_pos"][j] >= 0:
+                    sense = int(self.model.sense(h[j, batch["sense_pos"][j]]).argmax())
+                out[i] = (role_logits[j].argmax(-1).tolist(), pid_logits[j].argmax(-1).tolist(), sense)
+        return out
+
+    def find_predicates(self, sentences: list[Sentence]) -> list[list[int]]:
+        examples = [{"ids": ids, "owners": owners, "pred": -1}
+                    for ids, owners in (self.enc.tokens(s.words) for s in sentences)]
+        found = []
+        for e, s, (_, pid, _) in zip(examples, sentences, self._run(examples)):
+            first = first_subword_positions(e["owners"], len(s.words))
+            found.append([w for w, t in enumerate(first) if t >= 0 and pid[t] == 1])
+        return found
+
+    def label(self, sentences: list[Sentence], predicates: list[list[int]] | None = None) -> list[Sentence]:
+        """Sentences with predicted senses and roles, for the given predicates (default: predicted)."""
+        if predicates is None:
+            predicates = self.find_predicates(sentences)
+        examples, owner_of = [], []
+        for n, (s, preds) in enumerate(zip(sentences, predicates)):
+            ids, owners = self.enc.tokens(s.words)
+            first = first_subword_positions(owners, len(s.words))
+            for p in preds:
+                if first[p] >= 0:
+                    examples.append({"ids": ids, "owners": owners, "pred": p})
+                    owner_of.append((n, p, first))
+        results = self._run(examples)
+        by_sentence: dict[int, dict[int, tuple[list[str], str]]] = {}
+        for (n, p, first), (roles, _, sense) in zip(owner_of, results):
+            labels = [self.enc.roles[roles[t]] if t >= 0 else O for t in first]
+            number = self.enc.senses[sense] if sense is not None else "01"
+            by_sentence.setdefault(n, {})[p] = (labels, number)
+        out = []
+        for n, (s, preds) in enumerate(zip(sentences, predicates)):
+            done = by_sentence.get(n, {})
+            kept = [p for p in preds if p in done]
+            lemmas = s.lemmas
+            out.append(s.with_predictions(kept, [f"{lemmas[p]}.{done[p][1]}" for p in kept],
+                                          [done[p][0] for p in kept]))
+        return out
+
+
+def evaluate_sentences(labeller: Labeller, gold: list[Sentence]) -> dict[str, Any]:
+    """Scores with gold predicates and end to end (predicted predicates), and sentences per second."""
+    gold = [s for s in gold if s.annotated]
+    start = time.perf_counter()
+    with_gold = labeller.label(gold, [s.predicates for s in gold])
+    mid = time.perf_counter()
+    end_to_end = labeller.label(gold)
+    stop = time.perf_counter()
+    return {"gold_predicates": score(gold, with_gold), "end_to_end": score(gold, end_to_end),
+            "sentences": len(gold), "sentences_per_second_gold": len(gold) / max(mid - start, 1e-9),
+            "sentences_per_second_end_to_end": len(gold) / max(stop - mid, 1e-9), "predictions": end_to_end}
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def _build(trunk, cfg: Config) -> SRLModel:
+    return SRLModel(trunk, len(cfg.task.labels), len(cfg.task.senses), dropout=0.1)
+
+
+def _max_len(cfg: Config) -> int:
+    return min(cfg.task.max_source_len, cfg.model.block_size)
+
+
+def srl_task(encoder: Encoder) -> HeadTask:
+    def evaluate(model, sentences):
+        labeller = Labeller(model, encoder)
+        gold = [s for s in sentences if s.annotated]
+        out = score(gold, labeller.label(gold, [s.predicates for s in gold]))
+        found = labeller.find_predicates(gold)
+        preds = {(n, p) for n, ps in enumerate(found) for p in ps}
+        golds = {(n, p) for n, s in enumerate(gold) for p in s.predicates}
+        tp = len(preds & golds)
+        pf1 = 2 * tp / (len(preds) + len(golds)) if preds or golds else 0.0
+        return {"f1": out["arguments"]["f1"], "precision": out["arguments"]["precision"],
+                "recall": out["arguments"]["recall"], "predicate_f1": pf1, "sense_f1": out["senses"]["f1"]}
+
+    return HeadTask(build=_build, collate=encoder.collate, loss=_loss, evaluate=evaluate)
+
+
+def finetune_srl(cfg: Config, resume: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train on task.train_file (CoNLL-U Plus), score task.valid_file with gold and predicted predicates."""
+    from tqdm import tqdm
+
+    from lmforge.tokenizer import Tokenizer
+    from lmforge.train import checkpoint as ckpt_io
+
+    say = say or tqdm.write
+    task = cfg.task
+    if not task.train_file:
+        raise LMForgeError("no training sentences; pass --train FILE.conllu (CoNLL-U Plus, Universal PropBank format)")
+    train_s = read_conllu(task.train_file)
+    valid_s = read_conllu(task.valid_file) if task.valid_file else None
+    trunk, tok_path, state, _ = prepare_run(cfg, NAME, resume, say)
+    if not resume:
+        task.labels, task.senses = role_inventory(train_s)
+        if task.pooling != "auto":
+            task.pooling = "auto"
+    tokenizer = Tokenizer.load(tok_path)
+    encoder = Encoder(tokenizer, task.labels, task.senses, _max_len(cfg))
+    head = srl_task(encoder)
+    seed_everything(cfg.train.seed)
+    model = build_task_model(head, cfg, trunk)
+    if state is not None:
+        ckpt_io.load_weights(model, ckpt_io.latest_checkpoint(cfg.train.out_dir))
+    skipped = sum(not s.annotated for s in train_s)
+    train_ex = [e for s in train_s if s.annotated for e in encoder.sentence_examples(s)]
+    for s in valid_s or []:  # unknown labels in the validation file are reported before training
+        if s.annotated:
+            encoder.sentence_examples(s)
+    say(f"srl: {len(task.labels) - 1} role labels, {len(task.senses)} sense numbers; {len(train_s) - skipped:,} "
+        f"training sentences ({skipped} not annotated, left out), {len(train_ex):,} examples")
+    summary = train_head(cfg, head, model, train_ex, valid_s, tok_path, state, say)
+    if valid_s:
+        model.eval()
+        result = evaluate_sentences(Labeller(model, encoder), valid_s)
+        write_conllu(result.pop("predictions"), Path(cfg.train.out_dir) / "valid.pred.conllu")
+        summary["valid"] = {"f1_gold_predicates": result["gold_predicates"]["arguments"]["f1"],
+                            "f1_end_to_end": result["end_to_end"]["arguments"]["f1"],
+                            "predicate_f1": result["end_to_end"]["predicates"]["f1"],
+                            "sense_f1_gold_predicates": result["gold_predicates"]["senses"]["f1"],
+                            "sentences_per_second_end_to_end": result["sentences_per_second_end_to_end"]}
+        summary["valid_scores"] = result
+        say(format_score(result["gold_predicates"], "valid, gold predicates:"))
+        say(format_score(result["end_to_end"], "valid, predicted predicates:"))
+    write_report(cfg.train.out_dir, summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------- inference
+
+_WORD = re.compile(r"\w+(?:[-'.]\w+)*|n't|'\w+|[^\w\s]")
+
+
+def split_words(text: str) -> list[str]:
+    """Words and punctuation of a raw sentence (a simple tokenizer close to English UD's)."""
+    return _WORD.findall(text)
+
+
+def sentence_from_text(text: str, number: int = 1) -> Sentence:
+    words = split_words(text)
+    if not words:
+        raise LMForgeError(f"input {number} is empty; give a sentence with at least one word")
+    rows = [[str(i + 1), w] + [NONE] * 8 + [NONE, ""] for i, w in enumerate(words)]
+    return Sentence([f"# sent_id = {number}", f"# text = {text.strip()}"], rows, number, "<input>",
+                    list(range(1, len(rows) + 1)))
+
+
+def load_labeller(path: str | Path, device: str = "cpu") -> tuple[Labeller, Config]:
+    class _Task:
+        build = staticmethod(_build)
+
+    model, cfg, tokenizer = load_task_checkpoint(path, _Task(), NAME, device)
+    return Labeller(model, Encoder(tokenizer, cfg.task.labels, cfg.task.senses, _max_len(cfg))), cfg
+
+
+def describe(s: Sentence) -> str:
+    """Each predicate with its sense and its arguments: ``nominated (nominate.01): ARG0 Bush | ARG1 individuals``."""
+    words, lines = s.words, []
+    text = next((c.split("=", 1)[1].strip() for c in s.comments if c.startswith("# text =")), " ".join(words))
+    lines.append(text)
+    if not s.predicates:
+        lines.append("  (no predicate found)")
+    for k, (p, sense) in enumerate(zip(s.predicates, s.senses)):
+        args = [f"{label} {words[w]}" for w, label in enumerate(s.arguments()[k]) if label not in (O, "", "V")]
+        lines.append(f"  {words[p]} ({sense}): " + (" | ".join(args) if args else "no arguments"))
+    return "\n".join(lines)
