@@ -181,7 +181,8 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
 
     if overrides:
         raise LMForgeError(f"unknown option {overrides[0]!r} for export; see `lmforge export --help`")
-    export_checkpoint(args.checkpoint, args.out_dir, max_shard_size=args.max_shard_size)
+    out_dir = args.out_dir or f"{str(args.checkpoint).rstrip('/')}-hf"
+    export_checkpoint(args.checkpoint, out_dir, max_shard_size=args.max_shard_size)
 
 
 # ---------------------------------------------------------------------------------------- tasks (seq2seq)
@@ -584,8 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "model.safetensors.index.json) and the tokenizer files, so that transformers' "
                                    "Auto classes load the model and give the same outputs. GPT-2-style models export "
                                    "as gpt2, Llama-style as llama, encoders as bert; other settings are refused.")
-    p.add_argument("checkpoint", help="lmforge run directory or checkpoint directory")
-    p.add_argument("out_dir", help="new output directory (must not exist or be empty)")
+    p.add_argument("checkpoint", nargs="?", default=DEFAULT_RUN,
+                   help=f"lmforge run directory or checkpoint directory (default: {DEFAULT_RUN})")
+    p.add_argument("out_dir", nargs="?", default=None,
+                   help="new output directory, which must not exist or be empty (default: CHECKPOINT-hf)")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file before the weights are split into shards (default: 5GB)")
     p.set_defaults(func=cmd_export)

@@ -543,3 +543,19 @@ def from_transformers_gpt2(V):
     from lmforge.interop import from_transformers
 
     return from_transformers(gpt2_model(V))
+
+
+def test_default_recipe_run_exports_with_char_tokenizer(tmp_path, capsys):
+    """`lmforge export RUN` on a run of the default recipe's shape (char tokens, exact gelu, no biases)."""
+    char_tok = Tokenizer.train([TEXT], kind="char")
+    ckpt = lmforge_checkpoint(tmp_path, char_tok)  # ModelConfig defaults: the default recipe's choices
+    main(["export", str(tmp_path / "run")])
+    out = tmp_path / "run-hf"
+    assert "as gpt2" in capsys.readouterr().out and (out / "config.json").is_file()
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    for text in ["The quick fox", "Ünïcödé 中文 🙂", "never seen: Ω≈ç"]:  # unseen characters fall back to bytes
+        assert auto(text)["input_ids"] == char_tok.encode(text)
+        assert auto.decode(char_tok.encode(text)) == text
+    theirs = from_pretrained(transformers.AutoModelForCausalLM, out)
+    ours, _, _ = load_model(ckpt)
+    assert_same_decoder(ours, theirs, char_tok.vocab_size)
