@@ -107,7 +107,12 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+        timeout = datetime.timedelta(minutes=30)
+        # torchrun's store outlives a failed attempt: keys of this attempt get their own prefix, so a
+        # restarted group never reads the addresses of the processes it replaces
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        store = dist.PrefixStore(f"lmforge/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+        dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.world_size, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
         world.owns_group = True
     elif dist.get_world_size() != world.world_size:
