@@ -305,6 +305,14 @@ def cmd_srl(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"wrote {args.output}", file=sys.stderr)
 
 
+def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.tasks.head_trainer import merge_lora_checkpoint
+
+    if overrides:
+        raise LMForgeError(f"unknown option {overrides[0]!r} for lora-merge; see `lmforge lora-merge --help`")
+    print(merge_lora_checkpoint(args.checkpoint, args.out_dir))
+
+
 def _decoding_from_args(task_cfg, args: argparse.Namespace):
     from lmforge.tasks.model import Decoding
 
@@ -543,6 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", default=None, help="write the predictions as CoNLL-U Plus to this file")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     p.set_defaults(func=cmd_srl)
+
+    p = sub.add_parser("lora-merge", help="fold a LoRA task checkpoint's adapters into its weights",
+                       description="Add each adapter's low-rank update (alpha/r * B A) to its weight and write a plain "
+                                   "checkpoint (task.tuning=full) with the same outputs to OUT_DIR/checkpoints/.")
+    p.add_argument("checkpoint", help="run or checkpoint directory from `lmforge finetune sentiment|srl --task.tuning=lora`")
+    p.add_argument("out_dir", help="run directory for the merged checkpoint")
+    p.set_defaults(func=cmd_lora_merge)
 
     p = sub.add_parser("plot", help="PNG of a run's train/val loss curves",
                        description="Write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl and print its path.")

@@ -282,3 +282,36 @@ def write_report(out_dir: str | Path, report: dict) -> Path:
     path = Path(out_dir) / "report.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
     return path
+
+
+def _head_builder(name: str):
+    if name == "sentiment":
+        from lmforge.tasks.sentiment import _DeferredTask
+
+        return _DeferredTask()
+    if name == "srl":
+        from lmforge.tasks.srl import _build
+
+        return HeadTask(build=_build, collate=None, loss=None, evaluate=None)  # type: ignore[arg-type]
+    raise LMForgeError(f"a {name} checkpoint has no task head; give a checkpoint from `lmforge finetune sentiment|srl`")
+
+
+def merge_lora_checkpoint(path: str | Path, out_dir: str | Path) -> Path:
+    """Fold the LoRA adapters of a task checkpoint into its weights: a plain checkpoint (tuning=full)
+    in out_dir with the same outputs. Returns the new checkpoint directory."""
+    from lmforge.model.lora import merge_lora
+
+    ckpt = ckpt_io.latest_checkpoint(path)
+    cfg = ckpt_io.read_config(ckpt)
+    if cfg.task.tuning != "lora":
+        raise LMForgeError(f"{ckpt} was trained with task.tuning={cfg.task.tuning}, it has no adapters to merge")
+    out = Path(out_dir)
+    if ckpt_io.step_dirs(out / ckpt_io.CHECKPOINTS):
+        raise LMForgeError(f"{out} already holds checkpoints; give a new directory")
+    model = build_task_model(_head_builder(cfg.task.name), cfg)
+    ckpt_io.load_weights(model, ckpt)
+    merge_lora(model)
+    cfg = copy.deepcopy(cfg)
+    cfg.task.tuning = "full"
+    step = int(ckpt.name.removeprefix("step_")) if ckpt.name.startswith("step_") else 0
+    return ckpt_io.save_checkpoint(out, model, cfg, step=step, tokenizer_path=ckpt / ckpt_io.TOKENIZER)
