@@ -12,7 +12,8 @@ Memory per GPU (bytes; P parameters, W GPUs, AdamW in float32):
 =============  ==============================  ==========================================
 weights        4P (+2P of bf16 copies that     4P/W + the gathered weights of the blocks
                autocast keeps for the          in flight (two blocks, the root) in their
-               forward pass)                   compute dtype
+               forward pass, unless            compute dtype
+               checkpointing)
 gradients      4P (they live in DDP's          4P/W + one gathered block's gradients
                all-reduce buckets)
 optimizer      8P (exp_avg, exp_avg_sq)        8P/W
@@ -34,7 +35,10 @@ counted from what each operation saves for its backward pass with a fused attent
 * with activation checkpointing only each block's input (rd) is kept, and one block's
   activations are rebuilt at a time during the backward pass.
 
-The backward pass adds the float32 gradients of the logits (8V per token) on top.
+The backward pass adds the float32 gradients of the logits (8V per token) on top, and with
+checkpointing the rebuilt block (with the gradients of its input and output, 8d, and autocast's
+copies of its weights). Autocast also keeps bf16 copies of all weights through the forward pass
+without checkpointing: they are booked under weights (2P).
 """
 
 from __future__ import annotations
@@ -120,13 +124,17 @@ def activation_bytes(mcfg: ModelConfig, micro_batch: int, compute_bytes: int = 4
                  + (4 if mcfg.ffn == "swiglu" else 2) * c * f)
     outside = 8 + _norm_saved(mcfg) + c * d + 4 * mcfg.padded_vocab_size + 4 * mcfg.vocab_size
     kept_per_block = 4 * d if activation_checkpointing else per_block
-    backward_extra = 8 * mcfg.vocab_size + (per_block if activation_checkpointing else 0)
+    backward_extra = 8 * mcfg.vocab_size * tokens
+    if activation_checkpointing:  # one block rebuilt, the gradients of its input and output, its bf16 weights
+        backward_extra += (per_block + 8 * d) * tokens
+        if autocast:
+            backward_extra += 2 * (block_params(mcfg) - 2 * _norm(mcfg))
     return {
         "per_block": per_block * tokens,
         "blocks": mcfg.n_layer * kept_per_block * tokens,
         "outside": outside * tokens,
         "total": (mcfg.n_layer * kept_per_block + outside) * tokens,
-        "backward_extra": backward_extra * tokens,
+        "backward_extra": backward_extra,
     }
 
 
@@ -137,7 +145,8 @@ def estimate_memory(mcfg: ModelConfig, strategy: str, world_size: int, micro_bat
     forward pass plus the backward pass's extra) and ``total``. ``strategy``: ddp (or none) or fsdp."""
     counts = param_counts(mcfg)
     p, w = counts["total"], max(1, world_size)
-    autocast_copies = 2 * p if compute_bytes == 2 and not fsdp_mixed_precision else 0
+    # autocast's bf16 weight copies live through the forward pass (with checkpointing, one block's at a time)
+    autocast_copies = 2 * p if compute_bytes == 2 and not fsdp_mixed_precision and not activation_checkpointing else 0
     if strategy == "fsdp":
         gathered_bytes = compute_bytes if fsdp_mixed_precision else 4
         in_flight = 2 * counts["per_block"] + counts["root"]
