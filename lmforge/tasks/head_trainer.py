@@ -24,6 +24,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,7 +147,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 
 def train_head(cfg: Config, task: HeadTask, model: nn.Module, train_examples: list, valid_examples: list | None,
                tokenizer_path: Path, resume_state: dict | None = None,
-               say: Callable[[str], None] = tqdm.write) -> dict[str, Any]:
+               say: Callable[[str], None] = lambda m: tqdm.write(m, file=sys.stderr)) -> dict[str, Any]:
     """Optimise ``model`` on the examples; checkpoints and logs go to train.out_dir. Returns a summary."""
     tcfg = cfg.train
     device = resolve_device(tcfg.device)

@@ -201,7 +201,7 @@ def finetune_sentiment(cfg: Config, resume: bool = False, say: Callable[[str], N
 
     from lmforge.tokenizer import Tokenizer
 
-    say = say or tqdm.write
+    say = say or (lambda m: tqdm.write(m, file=sys.stderr))  # stdout keeps the JSON summary
     task = cfg.task
     if not task.train_file:
         raise LMForgeError("no training examples; pass --train FILE (TSV with columns text and label)")
@@ -281,8 +281,10 @@ class _DeferredTask:
         return SequenceClassifier(trunk, len(cfg.task.labels), cfg.task.pooling, dropout=0.1)
 
 
-def print_predictions(texts: list[str], results, file=sys.stdout, as_json: bool = False) -> None:
+def print_predictions(texts: list[str], results, file=None, as_json: bool = False) -> None:
     import json
+
+    file = file or sys.stdout
 
     for text, (label, probs) in zip(texts, results):
         if as_json:

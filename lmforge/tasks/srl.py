@@ -16,6 +16,7 @@ CoNLL-U Plus files; ``lmforge srl CKPT "sentence"`` labels raw sentences end to 
 from __future__ import annotations
 
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -260,7 +261,7 @@ def finetune_srl(cfg: Config, resume: bool = False, say: Callable[[str], None] |
     from lmforge.tokenizer import Tokenizer
     from lmforge.train import checkpoint as ckpt_io
 
-    say = say or tqdm.write
+    say = say or (lambda m: tqdm.write(m, file=sys.stderr))  # stdout keeps the JSON summary
     task = cfg.task
     if not task.train_file:
         raise LMForgeError("no training sentences; pass --train FILE.conllu (CoNLL-U Plus, Universal PropBank format)")

@@ -1,0 +1,140 @@
+"""Sentiment: the TSV reader and its messages, the scores, the confusion plot, and
+`lmforge finetune sentiment` / `classify` / `lora-merge` end to end on a tiny trunk."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.config import Config, ModelConfig
+from lmforge.errors import LMForgeError
+from lmforge.model.encoder import EncoderModel
+from lmforge.model.decoder import DecoderLM
+from lmforge.tasks.sentiment import Classifier, classification_scores, plot_confusion, read_labelled
+from lmforge.tokenizer import Tokenizer
+from lmforge.train.checkpoint import save_checkpoint
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def toy_rows(n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    good, bad = "good great lovely superb".split(), "bad awful dull poor".split()
+    filler = "the a film plot was is very".split()
+    lines = ["text\tlabel"]
+    for _ in range(n):
+        label = rng.choice(["positive", "negative", "neutral"])
+        words = [rng.choice(filler) for _ in range(3)]
+        if label != "neutral":
+            words.append(rng.choice(good if label == "positive" else bad))
+        rng.shuffle(words)
+        lines.append(" ".join(words) + "\t" + label)
+    return "\n".join(lines) + "\n"
+
+
+def make_trunk(tmp: Path, arch: str) -> Path:
+    tok = Tokenizer.train([toy_rows(200, 0)], kind="char")
+    tok.save(tmp / "tokenizer.json")
+    cfg = Config()
+    cfg.model = ModelConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, n_head=2, d_model=32, arch=arch)
+    model = EncoderModel(cfg.model) if arch == "encoder" else DecoderLM(cfg.model)
+    save_checkpoint(tmp / "trunk", model, cfg, step=0, tokenizer_path=tmp / "tokenizer.json")
+    return tmp / "trunk"
+
+
+def test_reader_messages(tmp_path):
+    ok = read_labelled(write(tmp_path / "a.tsv", "text\tlabel\nfine film\tpositive\n\nbad film\tnegative\n"))
+    assert ok == [("fine film", "positive", 2), ("bad film", "negative", 4)]
+    with pytest.raises(LMForgeError, match=r"b\.tsv:3: 3 fields"):
+        read_labelled(write(tmp_path / "b.tsv", "text\tlabel\nx\tpositive\ny\tnegative\textra\n"))
+    with pytest.raises(LMForgeError, match=r"c\.tsv:2: the text field is empty"):
+        read_labelled(write(tmp_path / "c.tsv", "text\tlabel\n \tpositive\n"))
+    with pytest.raises(LMForgeError, match=r"no column 'label'"):
+        read_labelled(write(tmp_path / "d.tsv", "text\tsentiment\nx\tpositive\n"))
+    with pytest.raises(LMForgeError, match="not found"):
+        read_labelled(tmp_path / "missing.tsv")
+
+
+def test_scores_known_numbers(tmp_path):
+    labels = ["neg", "pos"]
+    gold = [0, 0, 0, 1, 1]
+    pred = [0, 1, 0, 1, 0]
+    s = classification_scores(gold, pred, labels)
+    assert s["accuracy"] == pytest.approx(3 / 5)
+    assert s["confusion"] == [[2, 1], [1, 1]]
+    assert s["per_class"]["neg"]["precision"] == pytest.approx(2 / 3)
+    assert s["per_class"]["neg"]["recall"] == pytest.approx(2 / 3)
+    assert s["per_class"]["pos"]["precision"] == pytest.approx(1 / 2)
+    assert s["per_class"]["pos"]["f1"] == pytest.approx(1 / 2)
+    assert s["macro_f1"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    png = plot_confusion(s, tmp_path / "c.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("arch,tuning", [("decoder", "full"), ("encoder", "lora")])
+def test_finetune_classify_end_to_end(tmp_path, capsys, arch, tuning):
+    trunk = make_trunk(tmp_path, arch)
+    train = write(tmp_path / "train.tsv", toy_rows(300, 1))
+    valid = write(tmp_path / "valid.tsv", toy_rows(60, 2))
+    run = tmp_path / "run"
+    steps, lr = (120, 3e-3) if tuning == "full" else (200, 3e-3)
+    main(["finetune", "sentiment", "--train", str(train), "--valid", str(valid), "--init-from", str(trunk), "-q",
+          f"--train.out_dir={run}", f"--train.max_steps={steps}", f"--train.lr={lr}", "--train.warmup_steps=10",
+          "--train.eval_interval=0", f"--task.tuning={tuning}", "--task.lora_rank=8", "--task.lora_alpha=16"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["valid"]["accuracy"] > 0.9, summary
+    assert (run / "confusion.png").is_file() and (run / "report.json").is_file()
+    if tuning == "lora":
+        assert summary["trainable_params"] < summary["params"] / 3
+    main(["classify", str(run), "the film was great", "a plot is awful", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in rows] == ["positive", "negative"]
+    assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    if tuning == "lora":
+        main(["lora-merge", str(run), str(tmp_path / "merged")])
+        capsys.readouterr()
+        texts = ["a great film", "very dull", "the film was"]
+        before = Classifier(run)(texts)
+        after = Classifier(tmp_path / "merged")(texts)
+        for (l1, p1), (l2, p2) in zip(before, after):
+            assert l1 == l2 and all(abs(p1[k] - p2[k]) < 1e-5 for k in p1)
+
+
+def test_unknown_label_and_empty_input(tmp_path, capsys):
+    trunk = make_trunk(tmp_path, "encoder")
+    train = write(tmp_path / "train.tsv", toy_rows(40, 1))
+    valid = write(tmp_path / "valid.tsv", "text\tlabel\ngood film\tpositive\nodd film\tmixed\n")
+    with pytest.raises(SystemExit):
+        main(["finetune", "sentiment", "--train", str(train), "--valid", str(valid), "--init-from", str(trunk), "-q",
+              f"--train.out_dir={tmp_path / 'run'}", "--train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert "valid.tsv:3: label 'mixed' is not one of the model's labels" in err
+    main(["finetune", "sentiment", "--train", str(train), "--init-from", str(trunk), "-q",
+          f"--train.out_dir={tmp_path / 'run2'}", "--train.max_steps=1"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["classify", str(tmp_path / "run2"), "   "])
+    assert "empty" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (DATA / "sentiment" / "movie.valid.tsv").is_file(), reason="needs ../shared/data")
+def test_demo_data_reads():
+    rows = read_labelled(DATA / "sentiment" / "movie.valid.tsv")
+    assert len(rows) == 1057
+    assert {label for _, label, _ in rows} == {"positive", "negative"}
