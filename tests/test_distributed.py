@@ -188,6 +188,10 @@ def test_world_and_batch_refusals(monkeypatch):
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(LMForgeError, match="RANK='x'"):
         D.world_from_env()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(LMForgeError, match="launch with torchrun, or set MASTER_ADDR"):
+        D.setup(torch.device("cpu"))
     with pytest.raises(LMForgeError, match="does not split over 3 processes") as e:
         D.per_rank_batch(8, D.World(rank=0, world_size=3))
     assert "\n" not in str(e.value)

@@ -110,7 +110,13 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
         timeout = datetime.timedelta(minutes=30)
         # torchrun's store outlives a failed attempt: keys of this attempt get their own prefix, so a
         # restarted group never reads the addresses of the processes it replaces
-        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        try:
+            store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        except (ValueError, RuntimeError) as e:
+            raise LMForgeError(
+                f"cannot join the other {world.world_size - 1} processes ({str(e).strip().splitlines()[0][:200]}); "
+                "launch with torchrun, or set MASTER_ADDR and MASTER_PORT"
+            ) from None
         store = dist.PrefixStore(f"lmforge/attempt_{_env_int('TORCHELASTIC_RESTART_COUNT', 0)}", store)
         dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.world_size, timeout=timeout,
                                 device_id=device if device.type == "cuda" else None)
