@@ -214,9 +214,22 @@ class Labeller:
         return out
 
 
+def check_known_roles(sentences: list[Sentence], roles: list[str]) -> None:
+    """Refuse gold role labels the model cannot predict, with the file and line of the first one."""
+    known = set(roles)
+    for s in sentences:
+        if s.annotated:
+            for col in s.arguments():
+                for w, label in enumerate(col):
+                    if label not in known:
+                        raise LMForgeError(f"{s.path}:{s.row_lines[s.word_rows[w]]}: role {label!r} is not among the "
+                                           f"model's labels ({', '.join(roles)}); fix the label or retrain with it")
+
+
 def evaluate_sentences(labeller: Labeller, gold: list[Sentence]) -> dict[str, Any]:
     """Scores with gold predicates and end to end (predicted predicates), and sentences per second."""
     gold = [s for s in gold if s.annotated]
+    check_known_roles(gold, labeller.enc.roles)
     start = time.perf_counter()
     with_gold = labeller.label(gold, [s.predicates for s in gold])
     mid = time.perf_counter()
@@ -305,7 +318,7 @@ def finetune_srl(cfg: Config, resume: bool = False, say: Callable[[str], None] |
 
 # ------------------------------------------------------------------------------------------- inference
 
-_WORD = re.compile(r"\w+(?:[-'.]\w+)*|n't|'\w+|[^\w\s]")
+_WORD = re.compile(r"\w+(?=n't\b)|n't\b|'\w+|\w+(?:[-.]\w+)*|[^\w\s]")
 
 
 def split_words(text: str) -> list[str]:
