@@ -313,6 +313,16 @@ def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     print(merge_lora_checkpoint(args.checkpoint, args.out_dir))
 
 
+def cmd_pretrain_encoder(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.pretrain_encoder import pretrain_encoder
+
+    _check_overrides("pretrain-encoder", overrides)
+    cfg = _load(args, overrides)
+    if args.quiet:
+        cfg.train.progress = False
+    print(json.dumps(pretrain_encoder(cfg, resume=args.resume), indent=2, default=str))
+
+
 def _decoding_from_args(task_cfg, args: argparse.Namespace):
     from lmforge.tasks.model import Decoding
 
@@ -432,6 +442,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue exactly from the latest checkpoint in train.out_dir")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("pretrain-encoder", help="pre-train a BERT-style encoder by masked-language modelling",
+                       description="Pre-train a bidirectional encoder (model.arch=encoder) on the recipe's corpus: 15%% "
+                                   "of the tokens chosen, 80%% masked / 10%% random / 10%% kept, loss on the chosen "
+                                   "ones. Same data preparation, optimizer and checkpoints as train; the checkpoint "
+                                   "starts `lmforge finetune sentiment|srl --init-from`.",
+                       epilog=_config_epilog(), formatter_class=fmt)
+    p.add_argument("--config", "-c", default="encoder-tiny", metavar="RECIPE",
+                   help="recipe name in configs/ or path to a YAML file (default: encoder-tiny)")
+    p.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in train.out_dir")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pretrain_encoder)
 
     p = sub.add_parser("generate", help="sample text from a checkpoint",
                        description="Sample text from a checkpoint. The prompt comes from --prompt, or from "

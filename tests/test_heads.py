@@ -186,3 +186,37 @@ def test_tiny_model_learns_toy_tagging_with_indicator():
 def test_pad_labels():
     out = pad_labels([[1, 2], [3]], 3)
     assert out.tolist() == [[1, 2, IGNORE_INDEX], [3, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_mask_tokens_80_10_10():
+    from lmforge.pretrain_encoder import mask_tokens
+
+    x = torch.randint(3, 50, (64, 128), generator=torch.Generator().manual_seed(0))
+    x[:, 0] = 0  # a special token: never chosen
+    inputs, labels = mask_tokens(x, mask_id=1, vocab_size=50, generator=torch.Generator().manual_seed(1), never=(0,))
+    chosen = labels != IGNORE_INDEX
+    assert abs(chosen.float().mean().item() - 0.15) < 0.01
+    assert not chosen[:, 0].any()
+    assert torch.equal(labels[chosen], x[chosen])
+    assert torch.equal(inputs[~chosen], x[~chosen])
+    masked = (inputs[chosen] == 1).float().mean().item()
+    kept = (inputs[chosen] == x[chosen]).float().mean().item()
+    assert abs(masked - 0.8) < 0.03 and abs(kept - 0.1) < 0.03
+
+
+def test_pretrain_encoder_checkpoint_loads(tmp_path, capsys):
+    import json
+
+    from lmforge.cli import main
+    from lmforge.train.checkpoint import load_model
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(random.Random(0).choice(WORDS) for _ in range(4000)) + "\n")
+    main(["pretrain-encoder", "-q", f"--data.corpus={corpus}", f"--data.data_dir={tmp_path / 'data'}",
+          "--data.tokenizer=char", f"--train.out_dir={tmp_path / 'run'}", "--train.max_steps=4",
+          "--train.eval_interval=2", "--train.eval_batches=1", "--model.n_layer=1", "--model.d_model=32",
+          "--model.block_size=32", "--train.batch_size=4", "--train.log_interval=1"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 4 and summary["val_loss"] > 0
+    model, cfg, tok = load_model(tmp_path / "run")
+    assert cfg.model.arch == "encoder" and tok.token_to_id("<mask>") is not None
