@@ -138,3 +138,19 @@ def test_demo_data_reads():
     rows = read_labelled(DATA / "sentiment" / "movie.valid.tsv")
     assert len(rows) == 1057
     assert {label for _, label, _ in rows} == {"positive", "negative"}
+
+
+def test_resume_is_exact(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    trunk = make_trunk(tmp_path, "encoder")
+    train = write(tmp_path / "train.tsv", toy_rows(60, 1))
+    base = ["finetune", "sentiment", "--train", str(train), "--init-from", str(trunk), "-q", "--train.lr=3e-3",
+            "--train.ckpt_interval=3", "--train.eval_interval=0", "--train.batch_size=8"]
+    main(base + [f"--train.out_dir={tmp_path / 'a'}", "--train.max_steps=6"])
+    main(base + [f"--train.out_dir={tmp_path / 'b'}", "--train.max_steps=3"])
+    main(base + [f"--train.out_dir={tmp_path / 'b'}", "--train.max_steps=6", "--resume"])
+    capsys.readouterr()
+    a = load_file(tmp_path / "a" / "checkpoints" / "step_000006" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "checkpoints" / "step_000006" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -107,7 +107,6 @@ def start_trunk(cfg: Config, say: Callable[[str], None]):
     trunk = build_trunk(saved.model)
     ckpt_io.load_weights(trunk, ckpt)
     cfg.model = copy.copy(saved.model)
-    cfg.model.dropout = cfg.model.dropout  # the trunk's own dropout setting
     say(f"trunk: {saved.model.arch} from {ckpt} ({sum(p.numel() for p in trunk.parameters()):,} parameters)")
     return trunk, ckpt / ckpt_io.TOKENIZER
 

@@ -94,11 +94,12 @@ class Encoder:
             is_pred[p] = 1
         out = [{"ids": ids, "owners": owners, "pred": -1, "pid": first_subword_labels(owners, is_pred)}]
         first = first_subword_positions(owners, n)
+        columns = s.arguments()
         for k, (p, sense) in enumerate(zip(preds, s.senses)):
             if first[p] < 0:  # the predicate was cut off with the end of a long sentence
                 continue
             labels = []
-            for w, label in enumerate(s.arguments()[k]):
+            for w, label in enumerate(columns[k]):
                 if label not in self.role_id:
                     raise LMForgeError(f"{where}{s.path}:{s.row_lines[s.word_rows[w]]}: role {label!r} is not among "
                                        f"the model's labels; fix the label or add it to the training file")

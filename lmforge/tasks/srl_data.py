@@ -191,10 +191,11 @@ def _triples(sentences: list[Sentence]):
     for n, s in enumerate(sentences):
         if not s.annotated:
             continue
+        columns = s.arguments()
         for k, (p, sense) in enumerate(zip(s.predicates, s.senses)):
             preds.add((n, p))
             senses.add((n, p, sense))
-            for w, label in enumerate(s.arguments()[k]):
+            for w, label in enumerate(columns[k]):
                 if label not in (NONE, "", "V"):
                     args.add((n, p, w, label))
     return args, preds, senses
