@@ -35,10 +35,11 @@ def finetune(name: str, trunk: Path, args, train: Path, valid: Path, extra: list
     from lmforge.config import load_config
     from lmforge.tasks.srl import finetune_srl
 
-    out = BENCH / f"srl-{name}-{args.tuning}-{args.steps}"
+    out = BENCH / f"srl-{name}-{args.tuning}-{args.steps}-{args.minutes:g}m"
     overrides = [f"--train.out_dir={out}", f"--train.init_from={trunk}", f"--train.max_steps={args.steps}",
                  f"--train.max_minutes={args.minutes}", f"--task.tuning={args.tuning}", "--train.progress=false",
-                 "--train.eval_interval=0", f"--task.max_source_len={args.max_len}", *extra]
+                 "--train.eval_interval=0", f"--train.warmup_steps={max(args.steps // 10, 1)}",
+                 f"--task.max_source_len={args.max_len}", *extra, *([f"--train.lr={args.lr}"] if args.lr else [])]
     cfg = load_config("srl-tiny", overrides, base={"task": {"name": "srl"}})
     cfg.task.train_file, cfg.task.valid_file = str(train), str(valid)
     if (out / "report.json").is_file():
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--pretrain-minutes", type=float, default=6.0)
     p.add_argument("--tuning", default="full", choices=["full", "frozen", "lora"])
     p.add_argument("--max-len", type=int, default=96, help="tokens per sentence")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning peak learning rate (default: per trunk)")
     p.add_argument("--trunks", default="lmforge,minilm")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
     args = p.parse_args()
