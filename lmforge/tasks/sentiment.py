@@ -254,8 +254,6 @@ class Classifier:
     """A trained classifier: texts in, (label, {label: probability}) out."""
 
     def __init__(self, path: str | Path, device: str = "cpu"):
-        from lmforge.config import Config as _C  # noqa: F401  (typing only)
-
         self.model, self.cfg, self.tokenizer = load_task_checkpoint(path, _DeferredTask(), NAME, device)
         self.labels = self.cfg.task.labels
         self.max_len = min(self.cfg.task.max_source_len, self.cfg.model.block_size)
