@@ -1,12 +1,12 @@
 """Distributed training throughput: the trainer at 1 and 2 processes on CPU, and a synthetic step on GPUs.
 
-    python benchmarks/distributed.py [cpu] [--steps 150]     # shakespeare-char through `lmforge train`
+    python benchmarks/distributed.py [cpu] [--steps 100]     # shakespeare-char through `lmforge train`
     python benchmarks/distributed.py step --preset gpt2-124m --dtype bfloat16 --compile --flash
     torchrun --nproc_per_node=1 benchmarks/distributed.py step --preset llama-1b --strategy fsdp --ac
 
 cpu: the default recipe (shakespeare-char: 4 layers x 128, block 128, global batch 16) for --steps
-steps, without evaluation or checkpoints until the end, three ways: one process (all cores), and
-two processes under torchrun (one thread each) with DDP and with FSDP. The global batch is the
+steps, without evaluation or checkpoints until the end, four ways: one process with one thread and
+with all cores, and two processes under torchrun (cores / 2 threads each) with DDP and with FSDP. The global batch is the
 same, so each run does the same work; on a 2-core machine two processes cannot be faster than
 one: this measures the price of the communication, not scaling. tokens/s is the trainer's own
 figure (median over logging intervals, all ranks together) and MFU is against the CPU matmul
@@ -41,7 +41,7 @@ RECIPE = "shakespeare-char"
 
 # ------------------------------------------------------------------------------------------------ cpu
 
-def _train(workdir: Path, name: str, steps: int, nproc: int, strategy: str) -> dict:
+def _train(workdir: Path, name: str, steps: int, nproc: int, strategy: str, threads: int | None = None) -> dict:
     overrides = [f"--data.data_dir={workdir / 'data'}", f"--train.out_dir={workdir / name}",
                  f"--train.max_steps={steps}", "--train.eval_interval=0", "--train.eval_batches=4",
                  "--train.ckpt_interval=0", "--train.log_interval=10", "--train.max_minutes=0",
@@ -49,10 +49,11 @@ def _train(workdir: Path, name: str, steps: int, nproc: int, strategy: str) -> d
                  f"--train.strategy={strategy}"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(ROOT)
+    threads = threads or max(1, (os.cpu_count() or 1) // nproc)
+    env["OMP_NUM_THREADS"] = str(threads)
     if nproc == 1:
         cmd = [sys.executable, "-m", "lmforge", "train", "-c", RECIPE, *overrides]
     else:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "lmforge", "train", "-c", RECIPE, *overrides]
     t0 = time.perf_counter()
@@ -63,7 +64,8 @@ def _train(workdir: Path, name: str, steps: int, nproc: int, strategy: str) -> d
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     records = [json.loads(x) for x in (workdir / name / "metrics.jsonl").read_text().splitlines()]
     return {
-        "run": name, "processes": nproc, "strategy": summary["strategy"], "steps": summary["steps"],
+        "run": name, "processes": nproc, "threads_per_process": threads, "strategy": summary["strategy"],
+        "steps": summary["steps"],
         "tokens_per_second": summary["tokens_per_second"], "mfu": summary["mfu"],
         "train_time_s": records[-1]["elapsed"], "wall_time_s": wall,
         "final_train_loss": summary["train_loss"], "val_loss": summary["val_loss"],
@@ -77,15 +79,22 @@ def cpu_benchmark(args: argparse.Namespace) -> None:
         subprocess.run([sys.executable, "-m", "lmforge", "prepare", "-c", RECIPE, "-q",
                         f"--data.data_dir={workdir / 'data'}"], cwd=workdir, env=env, check=True,
                        capture_output=True)
-        rows = [_train(workdir, "1 process", args.steps, 1, "auto"),
+        load_before = os.getloadavg()
+        rows = [_train(workdir, "1 process, 1 thread", args.steps, 1, "auto", threads=1),
                 _train(workdir, "2 processes, ddp", args.steps, 2, "ddp"),
                 _train(workdir, "2 processes, fsdp", args.steps, 2, "fsdp")]
+        if (os.cpu_count() or 1) > 1:
+            rows.insert(1, _train(workdir, f"1 process, {os.cpu_count()} threads", args.steps, 1, "auto"))
+        load_after = os.getloadavg()
     base = rows[0]["tokens_per_second"]
     for r in rows:
         r["relative_speed"] = r["tokens_per_second"] / base
     print_table(rows, ["run", "steps", "tokens_per_second", "relative_speed", "mfu", "train_time_s", "wall_time_s",
                        "final_train_loss"])
-    print(f"wrote {write_result('distributed', {'recipe': RECIPE, 'steps': args.steps, 'runs': rows})}")
+    print(f"load average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f}: other jobs share these cores")
+    result = {"recipe": RECIPE, "steps": args.steps, "load_average_before": load_before,
+              "load_average_after": load_after, "runs": rows}
+    print(f"wrote {write_result('distributed', result)}")
 
 
 # ----------------------------------------------------------------------------------------------- step
@@ -187,7 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="mode")
     p = sub.add_parser("cpu", help="shakespeare-char through the trainer at 1 and 2 processes")
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=100)
     p = sub.add_parser("step", help="synthetic-token training step of a preset (GPU or CPU, alone or under torchrun)")
     p.add_argument("--preset", default="gpt2-124m")
     p.add_argument("--device", default="auto")
@@ -210,7 +219,7 @@ def main() -> None:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.mode is None:
-            args.steps = 150
+            args.steps = 100
         cpu_benchmark(args)
 
 
