@@ -91,7 +91,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
 
     task = checkpoint_task(args.checkpoint)
     if task != "lm":
-        raise LMForgeError(f"{args.checkpoint} is a {task} checkpoint; use `lmforge {COMMANDS[task]}` with it")
+        command = COMMANDS.get(task, "finetune")
+        raise LMForgeError(f"{args.checkpoint} is a {task} checkpoint; use `lmforge {command}` with it")
     model, cfg, tokenizer = load_model(args.checkpoint, device=args.device)
     prompts = _read_prompts(args) * args.num_samples
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
@@ -518,13 +519,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     def decoding_args(p: argparse.ArgumentParser, batch: int) -> None:
-        p.add_argument("--beam-size", "-b", type=int, default=None, help="beam size (default: the checkpoint's task.beam_size)")
+        p.add_argument("--beam-size", "-b", type=int, default=None,
+                       help="beam size (default: the checkpoint's task.beam_size)")
         p.add_argument("--greedy", action="store_true", help="greedy search (beam size 1)")
         p.add_argument("--length-penalty", type=float, default=None,
                        help="beam score = log-probability / length ** this (default: task.length_penalty)")
         p.add_argument("--no-repeat-ngram-size", type=int, default=None,
                        help="never repeat an n-gram of this size (default: task.no_repeat_ngram_size)")
-        p.add_argument("--max-len-a", type=float, default=None, help="output limit = a * source tokens + b (default: task.max_len_a)")
+        p.add_argument("--max-len-a", type=float, default=None,
+                       help="output limit = a * source tokens + b (default: task.max_len_a)")
         p.add_argument("--max-len-b", type=int, default=None, help="see --max-len-a (default: task.max_len_b)")
         p.add_argument("--batch-size", type=int, default=batch, help=f"inputs decoded together (default: {batch})")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")

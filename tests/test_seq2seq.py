@@ -177,7 +177,8 @@ def test_decoder_only_format_puts_the_loss_on_the_target_only():
     assert batch.inputs.tolist() == [[9, 10, 11, 3, 20, 21, 22], [9, 12, 3, 23, 1, 1, 1]]
     assert batch.labels.tolist() == [[-100, -100, -100, 20, 21, 22, 0], [-100, -100, 23, 0, -100, -100, -100]]
     s2s = TaskFormat("seq2seq", SpecialIds(eos=0, bos=2, sep=3, pad=1, prefix=[9])).collate([[10, 11]], [[20]])
-    assert s2s.src.tolist() == [[9, 10, 11, 0]] and s2s.inputs.tolist() == [[2, 20]] and s2s.labels.tolist() == [[20, 0]]
+    assert s2s.src.tolist() == [[9, 10, 11, 0]]
+    assert s2s.inputs.tolist() == [[2, 20]] and s2s.labels.tolist() == [[20, 0]]
 
 
 def test_decoder_only_state_matches_generate():
@@ -201,7 +202,8 @@ def test_warm_start_from_a_language_model(tmp_path):
     lm = DecoderLM(lm_cfg)
     tok = Tokenizer.train(["abc"], kind="char", byte_fallback=False, special_tokens=[])
     tok.save(tmp_path / "tokenizer.json")
-    ckpt = save_checkpoint(tmp_path / "lm", lm, Config(model=lm_cfg), step=1, tokenizer_path=tmp_path / "tokenizer.json")
+    ckpt = save_checkpoint(tmp_path / "lm", lm, Config(model=lm_cfg), step=1,
+                           tokenizer_path=tmp_path / "tokenizer.json")
     cfg = warm_start_config(lm_cfg, config(dropout=0.1))
     assert cfg.arch == "seq2seq" and cfg.n_layer == 2 and cfg.pos_encoding == "learned" and cfg.dropout == 0.1
     s2s = Seq2SeqLM(cfg)

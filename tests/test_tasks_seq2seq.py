@@ -250,7 +250,7 @@ def test_decoder_only_design_from_a_language_model(runs):
             "valid.tsv", "--init-from", "lm", "--train.out_dir=dec", *TINY[5:]]
     proc = lmforge(*args, "--task.max_source_len=8", "--task.max_target_len=9", cwd=root)
     assert proc.returncode == 0, proc.stderr
-    assert "all weights from" in proc.stdout
+    assert "all weights from" in proc.stderr and json.loads(proc.stdout)["arch"] == "decoder"
     report = json.loads((root / "dec" / "report.json").read_text())
     assert report["arch"] == "decoder" and report["train_lengths"]["long_sources"] > 0
     proc = lmforge("translate", "dec", "red cat", cwd=root)

@@ -97,7 +97,8 @@ class Seq2SeqLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.vocab_size < 1:
-            raise LMForgeError("model.vocab_size is 0; set it to the tokenizer's vocabulary size before building the model")
+            raise LMForgeError("model.vocab_size is 0; set it to the tokenizer's vocabulary size "
+                               "before building the model")
         self.cfg = cfg
         self.n_encoder_layer = cfg.n_encoder_layer or cfg.n_layer
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)

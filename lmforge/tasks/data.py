@@ -66,7 +66,8 @@ def file_format(path: Path) -> str:
     return "tsv"
 
 
-def read_examples(path: str | Path, source_key: str, target_key: str | None) -> tuple[list[tuple[str, str]], ReadReport]:
+def read_examples(path: str | Path, source_key: str,
+                  target_key: str | None) -> tuple[list[tuple[str, str]], ReadReport]:
     """(source, target) pairs of a TSV file with a header row, or of a JSONL file.
 
     ``target_key=None`` reads sources only (the target of each pair is ""). Texts are stripped
@@ -106,9 +107,10 @@ def _read_tsv(path: Path, source_key: str, target_key: str | None, report: ReadR
     keys = [source_key] + ([target_key] if target_key else [])
     for key in keys:
         if key not in columns:
+            option = "source_key" if key == source_key else "target_key"
             raise LMForgeError(
                 f"{path} has no column {key!r} (its header names {', '.join(map(repr, columns))}); the first "
-                f"line must name the columns, or pick the column with --task.{'source' if key == source_key else 'target'}_key"
+                f"line must name the columns, or pick the column with --task.{option}"
             )
     s_col = columns.index(source_key)
     t_col = columns.index(target_key) if target_key else None
@@ -203,8 +205,10 @@ class LengthReport:
                 "action": self.action, "skipped": self.skipped}
 
 
-def limit_lengths(sources: Sequence[list[int]], targets: Sequence[list[int]], max_source: int, max_target: int,
-                  action: str, limits: tuple[int, int]) -> tuple[list[list[int]], list[list[int]], list[int], LengthReport]:
+def limit_lengths(
+    sources: Sequence[list[int]], targets: Sequence[list[int]], max_source: int, max_target: int, action: str,
+    limits: tuple[int, int],
+) -> tuple[list[list[int]], list[list[int]], list[int], LengthReport]:
     """Cut (or drop) token lists longer than ``max_source`` / ``max_target``.
 
     ``limits`` are the user-facing task.max_source_len / max_target_len, for the report (the

@@ -17,7 +17,8 @@ METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
 
 def _check(hypotheses: Sequence[str], references: Sequence[str]) -> None:
     if len(hypotheses) != len(references):
-        raise LMForgeError(f"{len(hypotheses)} hypotheses but {len(references)} references; give one of each per example")
+        raise LMForgeError(f"{len(hypotheses)} hypotheses but {len(references)} references; "
+                           "give one of each per example")
     if not references:
         raise LMForgeError("no examples to score; give at least one hypothesis and reference")
 

@@ -15,7 +15,10 @@ from lmforge.errors import LMForgeError
 from lmforge.tasks import beam
 from lmforge.tasks.format import SpecialIds, TaskFormat
 
-COMMANDS = {"translation": "translate", "summarization": "summarize"}
+#: task of a checkpoint -> the command that uses it
+COMMANDS = {"lm": "generate", "translation": "translate", "summarization": "summarize", "sentiment": "classify",
+            "srl": "srl"}
+SEQ2SEQ_TASKS = ("translation", "summarization")
 
 
 def build_model(mcfg: ModelConfig) -> nn.Module:
@@ -135,9 +138,10 @@ def load_task_model(path: str | Path, expect: str | None = None, device: str = "
     if cfg.task.name == "lm":
         raise LMForgeError(f"{ckpt} is a language-model checkpoint (from `lmforge train`); "
                            f"give one trained with {wanted}, or use `lmforge generate` for it")
-    if expect and cfg.task.name != expect:
-        raise LMForgeError(f"{ckpt} is a {cfg.task.name} checkpoint, not {expect}; use "
-                           f"`lmforge {COMMANDS[cfg.task.name]}` for it, or give one trained with {wanted}")
+    if (expect and cfg.task.name != expect) or cfg.task.name not in SEQ2SEQ_TASKS:
+        command = COMMANDS.get(cfg.task.name, "finetune")
+        raise LMForgeError(f"{ckpt} is a {cfg.task.name} checkpoint, not {expect or 'translation or summarization'}; "
+                           f"use `lmforge {command}` for it, or give one trained with {wanted}")
     tok_path = ckpt_io.require_file(ckpt, ckpt_io.TOKENIZER, "copy the tokenizer.json it was trained with into it")
     tokenizer = Tokenizer.load(tok_path)
     if tokenizer.vocab_size != cfg.model.vocab_size:

@@ -20,6 +20,7 @@ import json
 import math
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -35,7 +36,8 @@ from lmforge.errors import LMForgeError
 from lmforge.tasks import metrics as task_metrics
 from lmforge.tasks.data import LengthReport, ReadReport, TokenBatcher, limit_lengths, read_examples, sorted_batches
 from lmforge.tasks.format import Batch, SpecialIds, TaskFormat, sequence_loss, task_special_tokens
-from lmforge.tasks.model import Decoding, TaskModel, build_model, decode_ids, warm_start, warm_start_config
+from lmforge.tasks.model import (SEQ2SEQ_TASKS, Decoding, TaskModel, build_model, decode_ids, warm_start,
+                                 warm_start_config)
 from lmforge.train import checkpoint as ckpt_io
 from lmforge.train.loop import MetricsLog, autocast, resolve_device, resolve_dtype
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
@@ -238,6 +240,11 @@ def plot_metric(run_dir: Path, key: str) -> Path:
 # ----------------------------------------------------------------------------------------------- train
 
 
+def _say(message: str) -> None:
+    """Logs go to stderr, so that stdout holds only the summary the CLI prints."""
+    tqdm.write(message, file=sys.stderr)
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -268,9 +275,11 @@ def finetune(cfg: Config, resume: bool = False) -> dict[str, Any]:
     if task.name == "lm":
         raise LMForgeError("task.name is lm; finetune trains translation or summarization "
                            "(`lmforge finetune translation ...`); language models train with `lmforge train`")
+    if task.name not in SEQ2SEQ_TASKS:
+        raise LMForgeError(f"task.name is {task.name}; this trainer trains translation or summarization")
     if not task.train_file:
         raise LMForgeError("no training examples; pass --train FILE (TSV with a header, or JSONL)")
-    say = tqdm.write
+    say = _say
     device = resolve_device(tcfg.device)
     amp_dtype = resolve_dtype(tcfg.dtype, device)
     out_dir = Path(tcfg.out_dir)
@@ -292,14 +301,14 @@ def finetune(cfg: Config, resume: bool = False) -> dict[str, Any]:
         init_from = ckpt_io.latest_checkpoint(tcfg.init_from)
         saved = ckpt_io.read_config(init_from)
         cfg.model = warm_start_config(saved.model, cfg.model)
-        say(f"model shape from {init_from}")
+        say(f"model shape from {init_from} (the recipe's model settings other than arch and dropout are unused)")
 
     tokenizer = resolve_tokenizer(cfg, resume_from or init_from, say)
     if cfg.model.vocab_size == 0:
         cfg.model = replace_vocab(cfg.model, tokenizer.vocab_size)
     if cfg.model.vocab_size != tokenizer.vocab_size:
-        raise LMForgeError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has {tokenizer.vocab_size} tokens; "
-                           "set --model.vocab_size=0 to take it from the tokenizer")
+        raise LMForgeError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has "
+                           f"{tokenizer.vocab_size} tokens; set --model.vocab_size=0 to take it from the tokenizer")
     mcfg = cfg.model
     _check_positions(mcfg, cfg)
     ids = SpecialIds.from_tokenizer(tokenizer, task.source_prefix)
@@ -329,7 +338,8 @@ def finetune(cfg: Config, resume: bool = False) -> dict[str, Any]:
             optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise LMForgeError(f"the optimizer state in {resume_from} does not fit this model "
-                               f"({str(e).splitlines()[0]}); resume from another checkpoint or start a new run") from None
+                               f"({str(e).splitlines()[0]}); resume from another checkpoint or start a new run"
+                               ) from None
         if grad_scaler is not None and state.get("grad_scaler"):
             grad_scaler.load_state_dict(state["grad_scaler"])
         batcher.load_state_dict(state["sampler"])

@@ -1,0 +1,155 @@
+"""Translation on the Bible (English -> Spanish): encoder-decoder vs decoder-only, greedy vs beam 4.
+
+    python benchmarks/translation.py [--minutes 8] [--size small|recipe] [--threads 1] [--only seq2seq|decoder]
+
+Both designs train on ../shared/data/mt/bible_en_es.train.tsv (30,469 verse pairs) with the same
+joint BPE tokenizer (4,096 tokens, trained once into data/bible-en-es) and the same CPU budget:
+
+1. seq2seq: recipe translation-bible (3 + 3 blocks, sinusoidal positions, shared embedding);
+   decoder: recipe translation-bible-decoder (6 blocks, "source <sep> target", loss on the target
+   only). About the same number of parameters. --size small (the default) fits both to a few
+   minutes of CPU: 128 wide instead of 256 (feed-forward 512, about three times the tokens per
+   second), batches of 1,024 tokens instead of 4,096 (four times the optimizer steps), peak
+   learning rate 3e-3, no dropout. --size recipe runs the recipes unchanged.
+2. Every design trains for the same wall time (train.max_minutes). A few timed training steps
+   estimate how many steps fit, and the cosine schedule decays over that many (then stays at
+   train.min_lr if time is left). Evaluation happens only at the end, so the budget is training
+   time. On a machine shared with other jobs the speed drifts during a run: compare the steps
+   and tokens per second as well as the scores.
+3. The 211 validation verses (Esther and Titus) are decoded greedily and with beam search
+   (length penalty 1.0); BLEU and chrF are sacrebleu's corpus scores. Reported: training tokens
+   per second (real tokens, source + target) and decoding sentences per second.
+
+Prints a table, writes benchmarks/results/translation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, SHARED_DATA, print_table, write_result  # noqa: E402
+
+RECIPES = {"seq2seq": "translation-bible", "decoder": "translation-bible-decoder"}
+#: small: settings for a few minutes of CPU (a narrower model, more and smaller steps, a higher peak
+#: learning rate, no dropout); recipe: the recipes unchanged
+SIZES = {"small": ["--model.d_model=128", "--model.d_ff=512", "--task.batch_tokens=1024", "--train.lr=3e-3",
+                   "--train.warmup_steps=50", "--model.dropout=0"], "recipe": []}
+
+
+def seconds_per_step(cfg, steps: int = 8) -> float:
+    """Median wall time of a training step (after one warm-up step) on real batches."""
+    import torch
+
+    from lmforge.tasks.data import TokenBatcher
+    from lmforge.tasks.format import SpecialIds, TaskFormat
+    from lmforge.tasks.model import build_model
+    from lmforge.tasks.trainer import TaskData, accumulate_task_gradients, resolve_tokenizer
+    from lmforge.train.optim import build_optimizer
+
+    tokenizer = resolve_tokenizer(cfg, None, print)
+    cfg.model.vocab_size = tokenizer.vocab_size
+    fmt = TaskFormat(cfg.model.arch, SpecialIds.from_tokenizer(tokenizer, cfg.task.source_prefix))
+    data = TaskData.load(cfg.task.train_file, tokenizer, fmt, cfg)
+    batcher = TokenBatcher(data.lengths, cfg.task.batch_tokens, seed=cfg.train.seed)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model, cfg.train, "cpu")
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        batches = [data.batch(fmt, batcher.next_batch()) for _ in range(cfg.train.grad_accum)]
+        accumulate_task_gradients(model, batches, torch.device("cpu"), torch.float32, cfg.task.label_smoothing)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    cfg.model.vocab_size = 0
+    return statistics.median(times[1:])
+
+
+def budget_config(recipe: str, minutes: float, work: Path, overrides: list[str]):
+    """The recipe, trained for ``minutes`` into work/<recipe>, with the schedule fitted to the budget."""
+    from lmforge.config import load_config
+
+    shutil.rmtree(work / recipe, ignore_errors=True)  # a fresh run each time
+    cfg = load_config(recipe, [f"--train.out_dir={work / recipe}", "--train.progress=false",
+                               "--train.tensorboard=false", "--train.eval_interval=0", "--train.ckpt_interval=0",
+                               "--train.device=cpu", "--train.dtype=float32", *overrides])
+    cfg.task.train_file = str(SHARED_DATA / "mt" / "bible_en_es.train.tsv")
+    cfg.task.valid_file = str(SHARED_DATA / "mt" / "bible_en_es.valid.tsv")
+    seconds = fit_schedule(cfg, minutes)
+    print(f"{recipe}: {seconds:.2f} s per step -> cosine over {cfg.train.decay_steps} steps, "
+          f"{minutes} minutes of training", flush=True)
+    return cfg, seconds
+
+
+def fit_schedule(cfg, minutes: float) -> float:
+    """Train for ``minutes`` of wall time, the learning rate decaying over the steps estimated to fit."""
+    seconds = seconds_per_step(cfg)
+    cfg.train.decay_steps = max(20, int(minutes * 60 / seconds))
+    cfg.train.warmup_steps = min(cfg.train.warmup_steps, cfg.train.decay_steps // 10)
+    cfg.train.max_steps = 10_000_000  # the time limit ends the run
+    cfg.train.max_minutes = minutes
+    return seconds
+
+
+def run_design(design: str, minutes: float, beam_size: int, work: Path, overrides: list[str]) -> dict:
+    from lmforge.tasks.model import Decoding, load_task_model
+    from lmforge.tasks.trainer import TaskData, finetune, score_examples
+
+    cfg, calibrated = budget_config(RECIPES[design], minutes, work, overrides)
+    cfg.task.beam_size = beam_size
+    summary = finetune(cfg)
+    task_model = load_task_model(summary["checkpoint"])
+    valid = TaskData.load(cfg.task.valid_file, task_model.tokenizer, task_model.fmt, task_model.cfg)
+    greedy, _, greedy_speed = score_examples(task_model, valid.texts, valid.sources,
+                                             Decoding.from_task(task_model.cfg.task, beam_size=1))
+    beam = summary["valid"]
+    return {
+        "design": design, "recipe": RECIPES[design], "params": summary["num_params"], "steps": summary["steps"],
+        "train_minutes": summary["train_seconds"] / 60, "seconds_per_step_calibrated": calibrated,
+        "train_tokens_per_second": summary["tokens_per_second"], "val_nll": summary["val_nll"],
+        "bleu_greedy": greedy["bleu"], "chrf_greedy": greedy["chrf"], "greedy_sentences_per_second": greedy_speed,
+        f"bleu_beam{beam_size}": beam["scores"]["bleu"], f"chrf_beam{beam_size}": beam["scores"]["chrf"],
+        f"beam{beam_size}_sentences_per_second": beam["sentences_per_second"], "run_dir": cfg.train.out_dir,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=8.0, help="training budget per design (default: 8)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small",
+                        help="small: settings for a few CPU minutes (default); recipe: the recipes unchanged")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default: 1; on a machine shared with other jobs one thread ran "
+                             "several times faster than two)")
+    parser.add_argument("--only", choices=sorted(RECIPES), default=None, help="run one design only")
+    parser.add_argument("--beam", type=int, default=4, help="beam size compared with greedy (default: 4)")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "bench-translation"), help="run directories")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for both designs, e.g. --train.lr=2e-3")
+    args, extra = parser.parse_known_args()
+    import torch
+
+    if not (SHARED_DATA / "mt").is_dir():
+        sys.exit(f"{SHARED_DATA / 'mt'} not found; this benchmark needs the shared Bible data")
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    designs = [args.only] if args.only else ["seq2seq", "decoder"]
+    overrides = SIZES[args.size] + args.overrides + extra
+    rows = [run_design(d, args.minutes, args.beam, work, overrides) for d in designs]
+    columns = ["design", "params", "steps", "train_tokens_per_second", "val_nll", "bleu_greedy", "chrf_greedy",
+               f"bleu_beam{args.beam}", f"chrf_beam{args.beam}", "greedy_sentences_per_second",
+               f"beam{args.beam}_sentences_per_second"]
+    print_table(rows, columns)
+    path = write_result("translation", {"minutes_per_design": args.minutes, "size": args.size,
+                                        "overrides": overrides, "threads": args.threads,
+                                        "valid_sentences": 211, "results": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
