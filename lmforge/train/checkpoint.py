@@ -318,10 +318,14 @@ def load_sharded_checkpoint(ckpt: str | Path, model: nn.Module, optimizer: torch
     model_state, optim_state = get_state_dict(model, optimizer)  # also creates AdamW's state to load into
     tied = _tied_names(model)
     target = {"model": {k: v for k, v in model_state.items() if k not in tied}, "optimizer": optim_state["state"]}
+    import warnings
+
     import torch.distributed as dist
 
     try:
-        dcp.load(target, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not dist.is_initialized())
+        with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended here
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            dcp.load(target, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not dist.is_initialized())
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LMForgeError(
