@@ -58,7 +58,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
                            f"{cfg.task.name if cfg.task.name != 'lm' else 'translation'} -c RECIPE`")
     if args.quiet:
         cfg.train.progress = False
-    summary = train(cfg, resume=args.resume)
+    if cfg.model.arch == "encoder":  # a BERT-style encoder learns by masked-language modelling
+        from lmforge.pretrain_encoder import pretrain_encoder
+
+        summary = pretrain_encoder(cfg, resume=args.resume)
+    else:
+        summary = train(cfg, resume=args.resume)
     shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process trains; one prints
         print(json.dumps(shown, indent=2, default=str))
