@@ -86,13 +86,6 @@ class TaskData:
         return int(self.lengths[rows].sum())
 
 
-def _read_texts(path: str, source_key: str, target_key: str):
-    pairs, _ = read_examples(path, source_key, target_key)
-    for s, t in pairs:
-        yield s
-        yield t
-
-
 def resolve_tokenizer(cfg: Config, start_from: Path | None, say: Callable[[str], None]):
     """The tokenizer of a run: the checkpoint's when starting from one, task.tokenizer_file when
     given, else a joint tokenizer trained on both sides of the training file into data.data_dir
@@ -118,8 +111,9 @@ def resolve_tokenizer(cfg: Config, start_from: Path | None, say: Callable[[str],
                 return Tokenizer.load(tok_path)
         except json.JSONDecodeError:
             pass
+    pairs, _ = read_examples(task.train_file, task.source_key, task.target_key)  # bad data fails before any output
     say(f"tokenizer: training a joint {data.tokenizer} tokenizer on both sides of {train_file} into {tok_path}")
-    tokenizer = Tokenizer.train(_read_texts(task.train_file, task.source_key, task.target_key), kind=data.tokenizer,
+    tokenizer = Tokenizer.train((text for pair in pairs for text in pair), kind=data.tokenizer,
                                 vocab_size=data.vocab_size, special_tokens=spec["special_tokens"],
                                 byte_fallback=data.byte_fallback)
     tokenizer.save(tok_path)
