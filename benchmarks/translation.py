@@ -16,9 +16,11 @@ joint BPE tokenizer (4,096 tokens, trained once into data/bible-en-es) and the s
    train.min_lr if time is left). Evaluation happens only at the end, so the budget is training
    time. On a machine shared with other jobs the speed drifts during a run: compare the steps
    and tokens per second as well as the scores.
-3. The 211 validation verses (Esther and Titus) are decoded greedily and with beam search
-   (length penalty 1.0); BLEU and chrF are sacrebleu's corpus scores. Reported: training tokens
-   per second (real tokens, source + target) and decoding sentences per second.
+3. The 211 validation verses (Esther and Titus) are decoded greedily, with beam search (length
+   penalty 1.0), and with beam search that never repeats a 3-gram (--no-repeat); BLEU and chrF
+   are sacrebleu's corpus scores. Reported: training tokens per second (real tokens, source +
+   target), decoding sentences per second and the mean output length in words. --decode-only
+   scores the runs of an earlier call again without training.
 
 Prints a table, writes benchmarks/results/translation.json.
 """
@@ -97,26 +99,41 @@ def fit_schedule(cfg, minutes: float) -> float:
     return seconds
 
 
-def run_design(design: str, minutes: float, beam_size: int, work: Path, overrides: list[str]) -> dict:
+def run_design(design: str, minutes: float, beam_size: int, no_repeat: int, work: Path, overrides: list[str],
+               decode_only: bool = False) -> dict:
+    """Train one design (unless ``decode_only``: reuse the run in work/) and decode the validation set."""
+    import json
+
     from lmforge.tasks.model import Decoding, load_task_model
     from lmforge.tasks.trainer import TaskData, finetune, score_examples
 
-    cfg, calibrated = budget_config(RECIPES[design], minutes, work, overrides)
-    cfg.task.beam_size = beam_size
-    summary = finetune(cfg)
+    run_dir = work / RECIPES[design]
+    if decode_only:
+        summary = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+        calibrated = None
+    else:
+        cfg, calibrated = budget_config(RECIPES[design], minutes, work, overrides)
+        summary = finetune(cfg)
     task_model = load_task_model(summary["checkpoint"])
-    valid = TaskData.load(cfg.task.valid_file, task_model.tokenizer, task_model.fmt, task_model.cfg)
-    greedy, _, greedy_speed = score_examples(task_model, valid.texts, valid.sources,
-                                             Decoding.from_task(task_model.cfg.task, beam_size=1))
-    beam = summary["valid"]
-    return {
-        "design": design, "recipe": RECIPES[design], "params": summary["num_params"], "steps": summary["steps"],
-        "train_minutes": summary["train_seconds"] / 60, "seconds_per_step_calibrated": calibrated,
-        "train_tokens_per_second": summary["tokens_per_second"], "val_nll": summary["val_nll"],
-        "bleu_greedy": greedy["bleu"], "chrf_greedy": greedy["chrf"], "greedy_sentences_per_second": greedy_speed,
-        f"bleu_beam{beam_size}": beam["scores"]["bleu"], f"chrf_beam{beam_size}": beam["scores"]["chrf"],
-        f"beam{beam_size}_sentences_per_second": beam["sentences_per_second"], "run_dir": cfg.train.out_dir,
-    }
+    task = task_model.cfg.task
+    valid = TaskData.load(task.valid_file, task_model.tokenizer, task_model.fmt, task_model.cfg)
+    row = {"design": design, "recipe": RECIPES[design], "params": summary["num_params"], "steps": summary["steps"],
+           "train_minutes": summary["train_seconds"] / 60, "seconds_per_step_calibrated": calibrated,
+           "train_tokens_per_second": summary["tokens_per_second"], "val_nll": summary["val_nll"],
+           "run_dir": str(run_dir)}
+    searches = {"greedy": Decoding.from_task(task, beam_size=1, no_repeat_ngram_size=0),
+                f"beam{beam_size}": Decoding.from_task(task, beam_size=beam_size, no_repeat_ngram_size=0)}
+    if no_repeat:
+        searches[f"beam{beam_size}_norep{no_repeat}"] = Decoding.from_task(task, beam_size=beam_size,
+                                                                           no_repeat_ngram_size=no_repeat)
+    for name, decoding in searches.items():
+        scores, hyps, speed = score_examples(task_model, valid.texts, valid.sources, decoding)
+        row.update({f"bleu_{name}": scores["bleu"], f"chrf_{name}": scores["chrf"],
+                    f"{name}_sentences_per_second": speed,
+                    f"{name}_mean_words": sum(len(h.split()) for h in hyps) / len(hyps)})
+        (run_dir / f"valid.{name}.txt").write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    row["reference_mean_words"] = sum(len(t.split()) for _, t in valid.texts) / len(valid.texts)
+    return row
 
 
 def main() -> None:
@@ -129,6 +146,10 @@ def main() -> None:
                              "several times faster than two)")
     parser.add_argument("--only", choices=sorted(RECIPES), default=None, help="run one design only")
     parser.add_argument("--beam", type=int, default=4, help="beam size compared with greedy (default: 4)")
+    parser.add_argument("--no-repeat", type=int, default=3,
+                        help="also decode with the beam and this no_repeat_ngram_size (default: 3; 0 = skip)")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="skip training: decode and score the runs already in --work")
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-translation"), help="run directories")
     parser.add_argument("overrides", nargs="*", help="recipe overrides for both designs, e.g. --train.lr=2e-3")
     args, extra = parser.parse_known_args()
@@ -140,11 +161,15 @@ def main() -> None:
     work = Path(args.work)
     designs = [args.only] if args.only else ["seq2seq", "decoder"]
     overrides = SIZES[args.size] + args.overrides + extra
-    rows = [run_design(d, args.minutes, args.beam, work, overrides) for d in designs]
-    columns = ["design", "params", "steps", "train_tokens_per_second", "val_nll", "bleu_greedy", "chrf_greedy",
-               f"bleu_beam{args.beam}", f"chrf_beam{args.beam}", "greedy_sentences_per_second",
-               f"beam{args.beam}_sentences_per_second"]
-    print_table(rows, columns)
+    rows = [run_design(d, args.minutes, args.beam, args.no_repeat, work, overrides, args.decode_only)
+            for d in designs]
+    searches = ["greedy", f"beam{args.beam}"] + ([f"beam{args.beam}_norep{args.no_repeat}"] if args.no_repeat else [])
+    print_table(rows, ["design", "params", "steps", "train_minutes", "train_tokens_per_second", "val_nll"])
+    print()
+    table = [{"design": r["design"], "search": name, "bleu": r[f"bleu_{name}"], "chrf": r[f"chrf_{name}"],
+              "sentences_per_second": r[f"{name}_sentences_per_second"], "mean_words": r[f"{name}_mean_words"]}
+             for r in rows for name in searches]
+    print_table(table, ["design", "search", "bleu", "chrf", "sentences_per_second", "mean_words"])
     path = write_result("translation", {"minutes_per_design": args.minutes, "size": args.size,
                                         "overrides": overrides, "threads": args.threads,
                                         "valid_sentences": 211, "results": rows})

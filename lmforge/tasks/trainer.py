@@ -285,6 +285,9 @@ def finetune(cfg: Config, resume: bool = False) -> dict[str, Any]:
         if not existing:
             raise LMForgeError(f"no checkpoint to resume in {out_dir}; start without --resume")
         resume_from = ckpt_io.latest_checkpoint(out_dir)
+        if tcfg.init_from:  # the run's model shape came from that checkpoint, as below
+            cfg.model = warm_start_config(ckpt_io.read_config(ckpt_io.latest_checkpoint(tcfg.init_from)).model,
+                                          cfg.model)
         cfg.model = replace_vocab(cfg.model, ckpt_io.read_config(resume_from).model.vocab_size)
         _check_resumable(resume_from, cfg)
         state = ckpt_io.load_train_state(resume_from)
