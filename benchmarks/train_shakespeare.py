@@ -6,7 +6,8 @@
    65 characters, first 90% train / last 10% val, 4 layers x 4 heads x 128, block 64, batch 12,
    AdamW 1e-3, 100 warmup steps, cosine to 1e-4 over 2000 steps.
 2. fast: configs/tinyshakespeare-fast.yaml, the same data, split and val measurement, anything
-   lmforge offers; reported as the wall time to reach the reference's target val loss.
+   lmforge offers (rotary positions, SwiGLU, RMSNorm, the Muon optimizer, a 400-step schedule);
+   reported as the wall time to reach the reference's target val loss, evaluations included.
 
 Validation loss, for both: mean over 20 random batches of 12 windows of 64 tokens of the val split.
 Each recipe runs in its own process (so peak memory is its own); the matmul peak that model FLOP/s

@@ -1,6 +1,6 @@
 """Translation on the Bible (English -> Spanish): encoder-decoder vs decoder-only, greedy vs beam 4.
 
-    python benchmarks/translation.py [--minutes 8] [--size small|recipe] [--threads 1] [--only seq2seq|decoder]
+    python benchmarks/translation.py [--minutes 8] [--size small|recipe] [--threads 1] [--only seq2seq|decoder] [--parallel]
 
 Both designs train on ../shared/data/mt/bible_en_es.train.tsv (30,469 verse pairs) with the same
 joint BPE tokenizer (4,096 tokens, trained once into data/bible-en-es) and the same CPU budget:
@@ -145,6 +145,9 @@ def main() -> None:
                         help="torch threads (default: 1; on a machine shared with other jobs one thread ran "
                              "several times faster than two)")
     parser.add_argument("--only", choices=sorted(RECIPES), default=None, help="run one design only")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train the designs at the same time, one process each with --threads threads "
+                             "(on 2 cores with --threads 1: each design gets one core for the whole budget)")
     parser.add_argument("--beam", type=int, default=4, help="beam size compared with greedy (default: 4)")
     parser.add_argument("--no-repeat", type=int, default=3,
                         help="also decode with the beam and this no_repeat_ngram_size (default: 3; 0 = skip)")
@@ -161,8 +164,16 @@ def main() -> None:
     work = Path(args.work)
     designs = [args.only] if args.only else ["seq2seq", "decoder"]
     overrides = SIZES[args.size] + args.overrides + extra
-    rows = [run_design(d, args.minutes, args.beam, args.no_repeat, work, overrides, args.decode_only)
-            for d in designs]
+    jobs = [(d, args.minutes, args.beam, args.no_repeat, work, overrides, args.decode_only) for d in designs]
+    if args.parallel:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+            rows = list(pool.map(run_design, *zip(*jobs)))
+    else:
+        rows = [run_design(*job) for job in jobs]
     searches = ["greedy", f"beam{args.beam}"] + ([f"beam{args.beam}_norep{args.no_repeat}"] if args.no_repeat else [])
     print_table(rows, ["design", "params", "steps", "train_minutes", "train_tokens_per_second", "val_nll"])
     print()
@@ -172,6 +183,7 @@ def main() -> None:
     print_table(table, ["design", "search", "bleu", "chrf", "sentences_per_second", "mean_words"])
     path = write_result("translation", {"minutes_per_design": args.minutes, "size": args.size,
                                         "overrides": overrides, "threads": args.threads,
+                                        "parallel": args.parallel,
                                         "valid_sentences": 211, "results": rows})
     print(f"wrote {path}")
 

@@ -99,6 +99,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
         command = COMMANDS.get(task, "finetune")
         raise LMForgeError(f"{args.checkpoint} is a {task} checkpoint; use `lmforge {command}` with it")
     model, cfg, tokenizer = load_model(args.checkpoint, device=args.device)
+    model = _cast_for_decoding(model, args.dtype)
     prompts = _read_prompts(args) * args.num_samples
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     stream = None
@@ -119,6 +120,17 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
         if len(prompts) > 1:
             print(f"--- sample {i + 1}/{len(prompts)}")
         print(prompt + out)
+
+
+def _cast_for_decoding(model, dtype: str):
+    """The model in the weight format decoding runs in: float32 as trained, bfloat16, or int8."""
+    import torch
+
+    if dtype == "int8":
+        from lmforge.generate import quantize_int8
+
+        return quantize_int8(model)
+    return model.to(torch.bfloat16) if dtype == "bfloat16" else model
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -481,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default: 1)")
     p.add_argument("--seed", type=int, default=1337, help="random seed for sampling (default: 1337)")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
+                   help="weights while decoding: float32 (default, exact), bfloat16, or int8 (CPU only: int8 "
+                        "weights per output channel, ~2-4x faster on CPUs, where decoding is bound by memory reads)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     p.set_defaults(func=cmd_generate)
 

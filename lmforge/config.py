@@ -214,6 +214,14 @@ class TrainConfig:
     warmup_steps: int = 100
     #: steps of the cosine decay (null = max_steps)
     decay_steps: int | None = None
+    #: adamw, or muon (orthogonalized momentum for the blocks' weight matrices, AdamW for the rest)
+    optimizer: str = "adamw"
+    #: peak learning rate of Muon's matrices (follows the same warmup and cosine shape as train.lr)
+    muon_lr: float = 0.02
+    #: Muon's momentum (Nesterov)
+    muon_momentum: float = 0.95
+    #: Newton-Schulz iterations per Muon step (fewer: cheaper, rougher orthogonalization)
+    muon_ns_steps: int = 5
     #: AdamW weight decay (never on norms, biases or embeddings)
     weight_decay: float = 0.1
     #: AdamW beta1
@@ -255,6 +263,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check_choice("train.optimizer", self.optimizer, ("adamw", "muon"))
         for name in ("batch_size", "grad_accum", "eval_batches"):
             if getattr(self, name) < 1:
                 raise LMForgeError(f"train.{name} must be at least 1, got {getattr(self, name)}")

@@ -56,6 +56,10 @@ def test_generate_eval_and_stdin(trained):
     proc = lmforge("generate", "run", "-n", "10", "--lines", "--greedy", cwd=trained, stdin="To\nnot\n")
     assert proc.returncode == 0, proc.stderr
     assert "sample 2/2" in proc.stdout
+    fast = lmforge("generate", "run", "-p", "To be", "-n", "12", "--greedy", "--no-stream", "--dtype", "int8",
+                   cwd=trained)
+    assert fast.returncode == 0, fast.stderr
+    assert fast.stdout.startswith("To be") and len(fast.stdout) > len("To be\n")  # closeness: test_interop
     proc = lmforge("eval", "run", cwd=trained)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)

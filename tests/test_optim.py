@@ -1,5 +1,6 @@
 """Parameter groups for weight decay, the AdamW set-up, and the learning-rate schedule."""
 
+import copy
 import math
 
 import pytest
@@ -7,8 +8,10 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig, TrainConfig
+from lmforge.errors import LMForgeError
 from lmforge.model import DecoderLM
-from lmforge.train.optim import build_optimizer, lr_at, param_groups
+from lmforge.train.optim import (NS_COEFFICIENTS, Muon, build_optimizer, lr_at, muon_params, orthogonalize,
+                                 param_groups)
 
 
 def tiny_model(**overrides) -> DecoderLM:
@@ -97,3 +100,82 @@ def test_lr_schedule_matches_formula(warmup, max_steps, decay_steps):
     assert lr_at(end + 1000, tcfg) == pytest.approx(3e-4)
     decaying = [lr_at(s, tcfg) for s in range(warmup, end + 1)]
     assert all(a >= b for a, b in zip(decaying, decaying[1:]))
+
+
+# ------------------------------------------------------------------------------------------------ Muon
+
+@pytest.mark.parametrize("shape", [(24, 72), (72, 24), (40, 40)])
+def test_orthogonalize_equals_the_polynomial_on_the_singular_values(shape):
+    """Newton-Schulz keeps the singular vectors and maps each singular value s/||G||_F through
+    a s + b s^3 + c s^5 five times: the float64 SVD reference, built from the formula."""
+    g = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    u, s, vh = torch.linalg.svd(g, full_matrices=False)
+    a, b, c = NS_COEFFICIENTS
+    s = s / torch.linalg.matrix_norm(g)
+    for _ in range(5):
+        s = a * s + b * s**3 + c * s**5
+    expected = u @ torch.diag(s) @ vh
+    torch.testing.assert_close(orthogonalize(g), expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(orthogonalize(g.float()), expected.float(), rtol=0, atol=2e-4)
+    assert 0.6 < s.median() and s.max() < 1.25  # about U V^T: directions move about equally far
+    stack = torch.stack([g, 2 * g.flip(0), -g])
+    torch.testing.assert_close(orthogonalize(stack), torch.stack([orthogonalize(m) for m in stack]))
+
+
+def model_and_grads(tied: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    model = DecoderLM(ModelConfig(vocab_size=50, block_size=8, n_layer=2, n_head=2, d_model=16, bias=True,
+                                  tie_embeddings=tied))
+    idx = torch.randint(0, 50, (2, 8))
+    return model, idx
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_muon_takes_block_matrices_only(tied):
+    model, _ = model_and_grads(tied)
+    chosen = muon_params(model)
+    names = {name for name, p in model.named_parameters() if id(p) in chosen}
+    expected = {name for name, p in model.named_parameters()
+                if name.startswith("blocks.") and p.dim() == 2}
+    assert names == expected and names
+    assert not any(n.startswith(("tok_emb", "lm_head", "pos_emb")) for n in names)
+
+
+def test_muon_step_matches_formula_and_adamw_groups_match_torch():
+    tcfg = TrainConfig(lr=1e-2, warmup_steps=0, max_steps=10, weight_decay=0.1, optimizer="muon", muon_lr=0.05)
+    model, idx = model_and_grads(tied=False)
+    twin = copy.deepcopy(model).double()
+    ours = build_optimizer(model, tcfg, "cpu")
+    assert isinstance(ours, Muon) and [bool(g["muon"]) for g in ours.param_groups] == [False, False, True]
+    matrices = muon_params(model)
+    twin_params = dict(twin.named_parameters())
+    torch_adamw = torch.optim.AdamW(
+        [p for n, p in twin.named_parameters() if id(dict(model.named_parameters())[n]) not in matrices],
+        lr=1e-2, betas=(tcfg.beta1, tcfg.beta2), weight_decay=0.0)
+    decayed = {n for n, p in model.named_parameters() if any(p is q for q in ours.param_groups[0]["params"])}
+    buffers = {}
+    for _ in range(3):
+        for m in (model, twin):
+            m.zero_grad()
+            m(idx).float().logsumexp(-1).mean().backward()  # any differentiable scalar
+        ours.step()
+        # reference, float64, by hand: Muon for the block matrices, torch's AdamW for the rest
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                q = twin_params[name]
+                if id(p) in matrices:
+                    buf = buffers.setdefault(name, torch.zeros_like(q))
+                    buf.mul_(0.95).add_(q.grad, alpha=0.05)
+                    step = orthogonalize(0.05 * q.grad + 0.95 * buf)
+                    q.mul_(1 - 0.05 * 0.1).sub_(0.05 * max(1, q.shape[0] / q.shape[1]) ** 0.5 * step)
+                elif name in decayed:
+                    q.mul_(1 - 1e-2 * 0.1)  # AdamW's decoupled decay, then the plain Adam step below
+        torch_adamw.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.detach().double(), twin_params[name].detach(), rtol=0, atol=1e-5,
+                                       msg=name)
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(LMForgeError, match="train.optimizer"):
+        TrainConfig(optimizer="sgd")

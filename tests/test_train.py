@@ -109,16 +109,17 @@ def test_two_micro_batches_of_4_equal_one_batch_of_8():
 
 # ----------------------------------------------------------------------------------------- exact resume
 
-def test_resume_is_bitwise_exact(corpus_dir, tmp_path):
-    full = train(make_cfg(corpus_dir, tmp_path / "full"))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bitwise_exact(corpus_dir, tmp_path, optimizer):
+    full = train(make_cfg(corpus_dir, tmp_path / "full", optimizer=optimizer))
     assert full["steps"] == 6
 
     # Interrupted run: the time budget stops it after the first step, then two resumes finish it.
     parts = tmp_path / "parts"
-    first = train(make_cfg(corpus_dir, parts, max_minutes=1e-9))
+    first = train(make_cfg(corpus_dir, parts, max_minutes=1e-9, optimizer=optimizer))
     assert first["steps"] == 1 and first["stopped_early"]
-    assert train(make_cfg(corpus_dir, parts, max_steps=4), resume=True)["steps"] == 4
-    last = train(make_cfg(corpus_dir, parts), resume=True)
+    assert train(make_cfg(corpus_dir, parts, max_steps=4, optimizer=optimizer), resume=True)["steps"] == 4
+    last = train(make_cfg(corpus_dir, parts, optimizer=optimizer), resume=True)
     assert last["steps"] == 6 and not last["stopped_early"]
 
     a = load_file(Path(full["checkpoint"]) / "model.safetensors")
