@@ -627,12 +627,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("import", help="turn a Hugging Face checkpoint (gpt2, llama, bert) into an lmforge checkpoint",
+    p = sub.add_parser("import", help="turn a Hugging Face checkpoint (gpt2, llama, bert, marian) into an lmforge checkpoint",
                        description="Convert a local Hugging Face checkpoint directory (config.json, model.safetensors "
                                    "or pytorch_model.bin, possibly sharded, and its tokenizer) into an lmforge "
                                    "checkpoint that generate, eval and train --train.init_from accept. Maps GPT-2, "
-                                   "Llama and BERT exactly; anything else is refused with the reason. A .bin file is "
-                                   "read with torch.load(weights_only=True): tensors only, never code.")
+                                   "Llama, BERT and Marian (a translation checkpoint for translate and finetune; its "
+                                   "tokenizer must be given as tokenizer.json) exactly; anything else is refused with "
+                                   "the reason. A .bin file is read with torch.load(weights_only=True): tensors only, "
+                                   "never code.")
     p.add_argument("hf_dir", help="Hugging Face checkpoint directory")
     p.add_argument("out_dir", help="new lmforge checkpoint directory (must not exist or be empty)")
     p.add_argument("--drop-prefix", action="append", default=[], metavar="PREFIX",
@@ -644,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write config.json, model.safetensors (sharded past --max-shard-size, with "
                                    "model.safetensors.index.json) and the tokenizer files, so that transformers' "
                                    "Auto classes load the model and give the same outputs. GPT-2-style models export "
-                                   "as gpt2, Llama-style as llama, encoders as bert; other settings are refused.")
+                                   "as gpt2, Llama-style as llama, encoders as bert, Marian-style encoder-decoders as "
+                                   "marian; other settings are refused.")
     p.add_argument("checkpoint", nargs="?", default=DEFAULT_RUN,
                    help=f"lmforge run directory or checkpoint directory (default: {DEFAULT_RUN})")
     p.add_argument("out_dir", nargs="?", default=None,

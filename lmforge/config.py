@@ -44,13 +44,18 @@ class ModelConfig:
     n_kv_head: int | None = None
     #: width of the residual stream (embedding size)
     d_model: int = 128
-    #: hidden width of the feed-forward layer; null = 4*d_model (gelu) or ~8/3*d_model rounded to 64 (swiglu)
+    #: hidden width of the feed-forward layer; null = 4*d_model (gelu, relu, silu) or ~8/3*d_model rounded to 64
+    #: (swiglu)
     d_ff: int | None = None
     #: positional encoding: sinusoidal (added to embeddings), learned, or rotary
     pos_encoding: str = "learned"
+    #: sinusoidal positions: interleaved (sin and cos alternate, the paper) or halves (all sines, then all
+    #: cosines: Marian)
+    sinusoidal_layout: str = "interleaved"
     #: base of the rotary frequencies
     rope_theta: float = 10000.0
-    #: feed-forward activation: gelu (exact), gelu_tanh (GPT-2's approximation) or swiglu
+    #: feed-forward activation: gelu (exact), gelu_tanh (GPT-2's approximation), relu (the original
+    #: Transformer), silu (plain, not gated: Marian's swish) or swiglu (gated: Llama)
     ffn: str = "gelu"
     #: normalisation: layernorm or rmsnorm (always pre-norm)
     norm: str = "layernorm"
@@ -74,6 +79,8 @@ class ModelConfig:
     norm_position: str = "pre"
     #: seq2seq: one token embedding for source and target (joint vocabulary); false = separate source embedding
     share_embeddings: bool = True
+    #: seq2seq: a bias added to the output logits (Marian's final_logits_bias)
+    output_bias: bool = False
     #: encoder: number of token types (segments), each with a learned embedding (BERT: 2); 0 = none
     type_vocab_size: int = 0
     #: encoder: normalise the summed embeddings before the first block (BERT)
@@ -85,6 +92,13 @@ class ModelConfig:
         _check_choice("model.pos_encoding", self.pos_encoding, ("sinusoidal", "learned", "rotary"))
         _check_choice("model.arch", self.arch, ("decoder", "seq2seq", "encoder"))
         _check_choice("model.norm_position", self.norm_position, ("pre", "post"))
+        _check_choice("model.sinusoidal_layout", self.sinusoidal_layout, ("interleaved", "halves"))
+        if self.sinusoidal_layout != "interleaved" and self.pos_encoding != "sinusoidal":
+            raise LMForgeError(f"model.sinusoidal_layout={self.sinusoidal_layout} applies to pos_encoding=sinusoidal "
+                               "only; set pos_encoding=sinusoidal or leave the layout at interleaved")
+        if self.output_bias and self.arch != "seq2seq":
+            raise LMForgeError("model.output_bias applies to arch=seq2seq only; "
+                               "set model.arch=seq2seq or leave it false")
         if self.norm_position == "post" and self.arch == "decoder":
             raise LMForgeError("model.norm_position=post is built for arch=seq2seq and encoder only; use pre for a decoder")
         if self.arch != "encoder" and (self.type_vocab_size or self.embed_norm or self.pooler):
@@ -94,7 +108,7 @@ class ModelConfig:
             raise LMForgeError(f"model.type_vocab_size must not be negative, got {self.type_vocab_size}")
         if self.n_encoder_layer is not None and self.n_encoder_layer < 1:
             raise LMForgeError(f"model.n_encoder_layer must be at least 1, got {self.n_encoder_layer}")
-        _check_choice("model.ffn", self.ffn, ("gelu", "gelu_tanh", "swiglu"))
+        _check_choice("model.ffn", self.ffn, ("gelu", "gelu_tanh", "relu", "silu", "swiglu"))
         _check_choice("model.norm", self.norm, ("layernorm", "rmsnorm"))
         for name in ("block_size", "n_layer", "n_head", "d_model", "pad_vocab_multiple"):
             if getattr(self, name) < 1:
@@ -290,6 +304,9 @@ class TaskConfig:
     target_key: str = "target"
     #: put before every source, e.g. a language or task token such as <2es> (made a special token); "" = none
     source_prefix: str = ""
+    #: seq2seq: the token the decoder starts from; "" = <s> when the tokenizer has it, else the end token
+    #: (an imported Marian model starts from <pad>)
+    decoder_start: str = ""
     #: use this tokenizer.json instead of training a joint tokenizer on both sides into data.data_dir
     tokenizer_file: str | None = None
     #: longest source in tokens (prefix included); longer ones are cut or skipped, and counted

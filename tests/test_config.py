@@ -31,7 +31,10 @@ def test_json_round_trip(tmp_path):
 @pytest.mark.parametrize("overrides, words", [
     (["--model.n_lyer=3"], "unknown config key 'model.n_lyer'"),
     (["--train.lr=fast"], "train.lr expects a number"),
-    (["--model.ffn=relu"], "model.ffn must be one of"),
+    (["--model.ffn=tanh"], "model.ffn must be one of gelu, gelu_tanh, relu, silu, swiglu"),
+    (["--model.sinusoidal_layout=split"], "model.sinusoidal_layout must be one of interleaved, halves"),
+    (["--model.sinusoidal_layout=halves"], "applies to pos_encoding=sinusoidal only"),
+    (["--model.output_bias=true"], "model.output_bias applies to arch=seq2seq only"),
     (["--model.d_model=130", "--model.n_head=4"], "not divisible"),
     (["--model.n_kv_head=3"], "must divide"),
     (["--optim.lr=1"], "unknown config section 'optim'"),

@@ -5,6 +5,7 @@ a clear refusal for each input that cannot be mapped exactly."""
 import json
 import pickle
 import shutil
+import string
 from pathlib import Path
 
 import pytest
@@ -12,13 +13,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lmforge.cli import main
-from lmforge.config import Config, DataConfig, ModelConfig
+from lmforge.config import Config, DataConfig, ModelConfig, TaskConfig
 from lmforge.errors import LMForgeError
 from lmforge.generate import generate
 from lmforge.interop import export_checkpoint, import_checkpoint
 from lmforge.interop.hf_files import import_tokenizer
 from lmforge.model import DecoderLM
 from lmforge.model.encoder import EncoderModel
+from lmforge.model.layers import sinusoidal_encoding
+from lmforge.model.seq2seq import Seq2SeqLM
+from lmforge.tasks.model import Decoding, decode_ids, load_task_model
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import load_model, save_checkpoint
 
@@ -47,9 +51,12 @@ def quiet(*_):
 
 
 def randomize_(module, std=0.2):
-    """Random values everywhere (norm weights around 1), so no term can hide behind a zero."""
+    """Random values everywhere (norm weights around 1), so no term can hide behind a zero. Marian's
+    sinusoid tables (frozen parameters named embed_positions) keep their values."""
     with torch.no_grad():
         for name, p in module.named_parameters():
+            if "embed_positions" in name:
+                continue
             if "norm" in name.lower() or "ln_" in name:
                 p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
             else:
@@ -400,7 +407,7 @@ def test_imported_model_generates_evaluates_and_fine_tunes(tmp_path, tok, capsys
 
 def test_unknown_architecture_is_refused(tmp_path, tok):
     path = hf_dir(tmp_path, gpt2_model(tok.vocab_size), tok)
-    for model_type, words in (("mistral", "'mistral' is not supported"), ("marian", "encoder-decoder")):
+    for model_type, words in (("mistral", "'mistral' is not supported"), ("bart", "marian only")):
         config = json.loads((path / "config.json").read_text())
         (path / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
         with pytest.raises(LMForgeError, match=words) as e:
@@ -559,3 +566,189 @@ def test_default_recipe_run_exports_with_char_tokenizer(tmp_path, capsys):
     theirs = from_pretrained(transformers.AutoModelForCausalLM, out)
     ours, _, _ = load_model(ckpt)
     assert_same_decoder(ours, theirs, char_tok.vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Marian (encoder-decoder): logits, greedy translations, round trips, refusals
+
+MARIAN_TOKENS = {"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+EOS, PAD = 0, 2  # Marian's conventions: </s> ends sources and outputs, <pad> starts the decoder
+
+
+@pytest.fixture(scope="module")
+def marian_tok():
+    """A character vocabulary of about 100 tokens after </s>, <unk> and <pad>."""
+    return Tokenizer.train([string.printable + TEXT], kind="char", special_tokens=list(MARIAN_TOKENS.values()),
+                           byte_fallback=False)
+
+
+def marian_model(V, act="swish", share=True, tie=True, **kw):
+    cfg = transformers.MarianConfig(
+        vocab_size=V, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        activation_function=act, scale_embedding=True, share_encoder_decoder_embeddings=share, tie_word_embeddings=tie,
+        pad_token_id=PAD, decoder_start_token_id=PAD, eos_token_id=EOS, forced_eos_token_id=None, dropout=0.0, **kw)
+    torch.manual_seed(0)
+    model = transformers.MarianMTModel(cfg).eval()
+    randomize_(model)
+    with torch.no_grad():
+        if share and not tie:  # transformers 5 then unties each side's table from shared.weight; one table here
+            for side in (model.model.encoder, model.model.decoder):
+                side.embed_tokens.weight.copy_(model.model.shared.weight)
+        model.final_logits_bias.normal_(0, 0.5)
+        model.final_logits_bias[0, EOS] = -20.0  # never chosen: every greedy continuation runs 20 tokens
+    return model
+
+
+def marian_dir(tmp_path, hf_model, tok, name="hf"):
+    """The checkpoint with a tokenizer.json and, as Marian checkpoints have, a MarianTokenizer config."""
+    path = hf_dir(tmp_path, hf_model, tok, name)
+    (path / "tokenizer_config.json").write_text(json.dumps({**MARIAN_TOKENS, "tokenizer_class": "MarianTokenizer"}))
+    return path
+
+
+@torch.no_grad()
+def assert_same_seq2seq(task_model, theirs, V):
+    """Logits over a right-padded source batch and a target starting with the decoder's start token, then
+    20 greedy tokens per source decoded by lmforge's translation path (encoder once, KV cache)."""
+    ours, ids = task_model.model, task_model.fmt.ids
+    assert (ids.eos, ids.bos, ids.pad) == (theirs.config.eos_token_id, theirs.config.decoder_start_token_id, PAD)
+    torch.manual_seed(1)
+    rows = [torch.randint(3, V, (n,)).tolist() + [EOS] for n in (11, 4, 8)]
+    src = torch.full((3, 12), PAD)
+    mask = torch.zeros(3, 12, dtype=torch.bool)
+    for r, row in enumerate(rows):
+        src[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), True
+    tgt = torch.randint(3, V, (3, 9))
+    tgt[:, 0] = ids.bos
+    hf_logits = theirs(input_ids=src, attention_mask=mask.long(), decoder_input_ids=tgt).logits
+    assert (ours(src, tgt, mask) - hf_logits).abs().max().item() <= 1e-4
+    new = decode_ids(ours, task_model.fmt, rows, Decoding(beam_size=1, max_len_a=0.0, max_len_b=21))
+    out = theirs.generate(src, attention_mask=mask.long(), max_new_tokens=20, num_beams=1, do_sample=False,
+                          decoder_start_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=PAD,
+                          forced_eos_token_id=None)
+    assert [len(n) for n in new] == [20] * 3 and new == out[:, 1:].tolist()
+
+
+@pytest.mark.parametrize("act, share, tie", [("swish", True, True), ("relu", True, False), ("gelu", False, False)])
+def test_marian_import_matches_transformers(tmp_path, marian_tok, act, share, tie):
+    V = marian_tok.vocab_size
+    hf = marian_model(V, act, share, tie)
+    import_checkpoint(marian_dir(tmp_path, hf, marian_tok), tmp_path / "ours", log=quiet)
+    task_model = load_task_model(tmp_path / "ours", expect="translation")
+    mcfg = task_model.cfg.model
+    assert isinstance(task_model.model, Seq2SeqLM) and task_model.cfg.task.decoder_start == "<pad>"
+    assert (mcfg.ffn, mcfg.share_embeddings, mcfg.tie_embeddings, mcfg.output_bias) == (
+        "silu" if act == "swish" else act, share, tie, True)
+    assert_same_seq2seq(task_model, hf, V)
+
+
+def test_marian_export_loads_in_transformers_and_round_trips_bitwise(tmp_path, marian_tok, capsys):
+    V = marian_tok.vocab_size
+    import_checkpoint(marian_dir(tmp_path, marian_model(V), marian_tok), tmp_path / "ours", log=quiet)
+    export_checkpoint(tmp_path / "ours", tmp_path / "hf2", log=quiet)
+    theirs = from_pretrained(transformers.MarianMTModel, tmp_path / "hf2")
+    assert theirs.final_logits_bias.abs().max() > 0
+    assert_same_seq2seq(load_task_model(tmp_path / "ours"), theirs, V)
+    import_checkpoint(tmp_path / "hf2", tmp_path / "back", log=quiet)
+    before = load_file(tmp_path / "ours" / "model.safetensors")
+    after = load_file(tmp_path / "back" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    main(["translate", str(tmp_path / "back"), "The quick fox", "--greedy"])
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf2")  # tokenizer.json, not the .spm files
+    assert (auto.eos_token, auto.pad_token) == ("</s>", "<pad>")
+    assert auto("The quick fox", add_special_tokens=False)["input_ids"] == marian_tok.encode("The quick fox")
+
+
+MARIAN_STYLE = dict(arch="seq2seq", pos_encoding="sinusoidal", sinusoidal_layout="halves", norm_position="post",
+                    ffn="relu", bias=True, n_encoder_layer=3)
+
+
+def seq2seq_checkpoint(tmp_path, tok, **model_kw):
+    """A translation checkpoint of a model built by lmforge (encoder 3 blocks deep, decoder 2)."""
+    mcfg = ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, d_model=32, d_ff=48, **model_kw)
+    torch.manual_seed(0)
+    model = Seq2SeqLM(mcfg).eval()
+    randomize_(model)
+    tok.save(tmp_path / "tok" / "tokenizer.json")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps(MARIAN_TOKENS))
+    cfg = Config(model=mcfg, data=DataConfig(tokenizer="char", data_dir=str(tmp_path / "data")),
+                 task=TaskConfig(name="translation", decoder_start="<pad>"))
+    ckpt = save_checkpoint(tmp_path / "run", model, cfg, step=1, tokenizer_path=tmp_path / "tok" / "tokenizer.json")
+    shutil.copyfile(tmp_path / "tok" / "tokenizer_config.json", ckpt / "tokenizer_config.json")
+    return ckpt
+
+
+def test_lmforge_seq2seq_exports_as_marian(tmp_path, marian_tok):
+    """A model lmforge built (no output bias, encoder deeper than the decoder) exports and comes back bitwise."""
+    ckpt = seq2seq_checkpoint(tmp_path, marian_tok, **MARIAN_STYLE)
+    export_checkpoint(ckpt, tmp_path / "hf", log=quiet)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["encoder_layers"], config["decoder_layers"], config["activation_function"]) == (3, 2, "relu")
+    theirs = from_pretrained(transformers.AutoModelForSeq2SeqLM, tmp_path / "hf")
+    assert type(theirs).__name__ == "MarianMTModel" and not theirs.final_logits_bias.any()
+    assert_same_seq2seq(load_task_model(ckpt), theirs, marian_tok.vocab_size)
+    import_checkpoint(tmp_path / "hf", tmp_path / "back", log=quiet)
+    before, after = load_file(ckpt / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_marian_position_tables_are_checked(marian_tok):
+    from lmforge.interop import from_transformers, model_from_hf
+
+    hf = marian_model(marian_tok.vocab_size)
+    state = {k: v.detach() for k, v in hf.state_dict().items()}  # with the tables and every tied copy
+    ours, _, info = model_from_hf(hf.config.to_dict(), state)
+    assert sorted(info["weights"].buffers) == ["model.decoder.embed_positions.weight",
+                                               "model.encoder.embed_positions.weight"]
+    assert isinstance(from_transformers(hf), Seq2SeqLM)
+    interleaved = sinusoidal_encoding(64, 32)  # the right values in the wrong layout
+    with pytest.raises(LMForgeError, match="embed_positions.weight' .*differs"):
+        model_from_hf(hf.config.to_dict(), {**state, "model.encoder.embed_positions.weight": interleaved})
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(activation_function="tanh"), "activation_function='tanh' .*supported: swish, silu, relu"),
+    (dict(scale_embedding=False), "scale_embedding=False .*supported: true"),
+    (dict(normalize_before=True), "normalize_before=True .*supported: false"),
+    (dict(decoder_attention_heads=2), "decoder_attention_heads=2 .*supported: encoder_attention_heads \\(4\\)"),
+    (dict(decoder_ffn_dim=48), "decoder_ffn_dim=48 .*supported: encoder_ffn_dim \\(64\\)"),
+    (dict(decoder_vocab_size=7), "decoder_vocab_size=7"),
+    (dict(eos_token_id=1), "eos_token_id is 1 but the tokenizer's end token is '</s>'"),
+])
+def test_marian_settings_that_cannot_be_mapped_are_refused(tmp_path, marian_tok, change, words):
+    path = marian_dir(tmp_path, marian_model(marian_tok.vocab_size), marian_tok)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(LMForgeError, match=words) as e:
+        import_checkpoint(path, tmp_path / "out", log=quiet)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_marian_tables_and_tokenizer_problems_are_refused(tmp_path, marian_tok):
+    hf = marian_model(marian_tok.vocab_size, share=True, tie=False)
+    with torch.no_grad():
+        hf.model.encoder.embed_tokens.weight.add_(1.0)  # the "shared" table is not one table
+    with pytest.raises(LMForgeError, match="encoder.embed_tokens.weight' differs.*share_encoder_decoder_embeddings"):
+        import_checkpoint(marian_dir(tmp_path, hf, marian_tok), tmp_path / "out", log=quiet)
+    path = marian_dir(tmp_path, marian_model(marian_tok.vocab_size), marian_tok, "spm")
+    (path / "tokenizer.json").unlink()
+    for name in ("source.spm", "target.spm", "vocab.json"):
+        (path / name).write_text("{}")
+    with pytest.raises(LMForgeError, match="Marian tokenizer .*add a tokenizer.json"):
+        import_checkpoint(path, tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("style, words", [
+    (dict(arch="seq2seq", pos_encoding="sinusoidal", bias=True), "norm_position=pre .*sinusoidal_layout=interleaved"),
+    ({**MARIAN_STYLE, "norm": "rmsnorm"}, "norm=rmsnorm"),
+    ({**MARIAN_STYLE, "ffn": "swiglu"}, "ffn=swiglu"),
+    ({**MARIAN_STYLE, "norm_eps": 1e-6}, "norm_eps=1e-06"),
+])
+def test_seq2seq_export_refuses_what_marian_cannot_express(tmp_path, marian_tok, style, words):
+    ckpt = seq2seq_checkpoint(tmp_path, marian_tok, **style)
+    with pytest.raises(LMForgeError, match=words) as e:
+        export_checkpoint(ckpt, tmp_path / "hf", log=quiet)
+    assert "as marian" in str(e.value) and not (tmp_path / "hf").exists()

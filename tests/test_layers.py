@@ -151,6 +151,25 @@ def test_sinusoidal_encoding_matches_formula():
             assert odd[pos, j].item() == pytest.approx(math.sin(angle) if j % 2 == 0 else math.cos(angle), abs=1e-6)
 
 
+def test_sinusoidal_halves_layout_matches_formula():
+    """Marian's layout: the sines of all frequencies, then their cosines (an odd width has one more sine)."""
+    for n_pos, d in ((200, 48), (10, 7)):
+        half = (d + 1) // 2
+        expected = torch.zeros(n_pos, d, dtype=torch.float64)
+        for pos in range(n_pos):
+            for j in range(d):
+                i = j if j < half else j - half
+                angle = pos / 10000 ** (2 * i / d)
+                expected[pos, j] = math.sin(angle) if j < half else math.cos(angle)
+        torch.testing.assert_close(sinusoidal_encoding(n_pos, d, layout="halves").double(), expected, atol=2e-5, rtol=0)
+        exact = sinusoidal_encoding(n_pos, d, layout="halves", dtype=torch.float64)
+        assert exact.dtype == torch.float64
+        torch.testing.assert_close(exact, expected, atol=1e-12, rtol=0)
+    x = torch.randn(2, 5, 8)
+    out = PositionalEncoding(8, max_len=16, layout="halves")(x, torch.arange(5)[None])
+    torch.testing.assert_close(out, x + sinusoidal_encoding(5, 8, layout="halves"))
+
+
 def test_positional_encoding_is_added_not_multiplied():
     d, T = 16, 10
     enc = PositionalEncoding(d, max_len=64)
@@ -259,6 +278,19 @@ def test_gelu_feed_forward_matches_formula(kind):
         act = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
     else:
         act = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+    torch.testing.assert_close(ffn(x).double(), linear64(act, ffn.down_proj), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["relu", "silu"])
+def test_plain_relu_and_silu_feed_forward_match_formula(kind):
+    ffn = FeedForward(16, 64, kind=kind, bias=True)
+    assert not hasattr(ffn, "gate_proj")  # not gated: up and down projections only
+    with torch.no_grad():
+        ffn.up_proj.bias.normal_()
+        ffn.down_proj.bias.normal_()
+    x = torch.randn(2, 3, 16)
+    h = linear64(x, ffn.up_proj)
+    act = h.clamp(min=0) if kind == "relu" else h / (1 + torch.exp(-h))
     torch.testing.assert_close(ffn(x).double(), linear64(act, ffn.down_proj), atol=1e-5, rtol=1e-5)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.errors import LMForgeError
 from lmforge.model import DecoderLM
 from lmforge.model.seq2seq import CrossAttention, Seq2SeqBlock, Seq2SeqLM
 from lmforge.tasks import beam
@@ -141,6 +142,33 @@ def test_shared_separate_and_tied_embeddings():
     assert separate.num_params() == shared.num_params() + extra
     learned = model(pos_encoding="learned")
     assert learned.pos_emb is not learned.src_pos_emb  # one table per side
+
+
+def test_output_bias_is_added_to_every_logit_and_kept_off_by_default():
+    assert model().lm_head.bias is None
+    biased = model(output_bias=True, sinusoidal_layout="halves", ffn="silu", norm_position="post", bias=True)
+    assert biased.lm_head.bias is not None and not biased.lm_head.bias.any()  # starts at zero
+    src, tgt = torch.randint(3, V, (2, 6)), torch.randint(3, V, (2, 5))
+    with torch.no_grad():
+        before = biased(src, tgt)
+        biased.lm_head.bias.normal_()
+        after = biased(src, tgt)
+    torch.testing.assert_close(after, before + biased.lm_head.bias, atol=1e-5, rtol=1e-5)
+    memory = biased.project_memory(biased.encode(src))  # the cached step path adds it too
+    cache = biased.new_cache(2, 5)
+    with torch.no_grad():
+        steps = torch.cat([biased.decode(tgt[:, i:i + 1], memory, cache=cache) for i in range(5)], dim=1)
+    torch.testing.assert_close(steps, after, atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_start_token_is_named_by_the_task():
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["abc"], kind="char", special_tokens=["</s>", "<unk>", "<pad>"], byte_fallback=False)
+    assert SpecialIds.from_tokenizer(tok).bos == 0  # no <s>: the end token starts the decoder
+    assert SpecialIds.from_tokenizer(tok, decoder_start="<pad>").bos == 2  # Marian's convention
+    with pytest.raises(LMForgeError, match="task.decoder_start='<s>' is not a token"):
+        SpecialIds.from_tokenizer(tok, decoder_start="<s>")
 
 
 def test_label_smoothed_loss_is_normalised_by_target_tokens():

@@ -1,9 +1,9 @@
 """Hugging Face interoperability: ``lmforge import`` and ``lmforge export``.
 
-Mapped architectures: GPT-2 and Llama (decoders, ``DecoderLM``) and BERT (encoder,
-``EncoderModel``). Every tensor is accounted for and every setting is mapped exactly or refused
-with a message naming it; tests/test_interop.py checks logits and greedy continuations against
-transformers. Encoder-decoder models (Marian) are not mapped yet.
+Mapped architectures: GPT-2 and Llama (decoders, ``DecoderLM``), BERT (encoder,
+``EncoderModel``) and Marian (encoder-decoder, ``Seq2SeqLM``). Every tensor is accounted for and
+every setting is mapped exactly or refused with a message naming it; tests/test_interop.py
+checks logits and greedy continuations against transformers.
 """
 
 from lmforge.interop.architectures import ARCHITECTURES

@@ -1,7 +1,9 @@
-"""The three mapped architectures: GPT-2, Llama (decoders) and BERT (encoder).
+"""The four mapped architectures: GPT-2, Llama (decoders), BERT (encoder) and Marian (encoder-decoder,
+in :mod:`lmforge.interop.marian`).
 
 Each gives both directions: Hugging Face config.json and tensors -> lmforge ModelConfig and
-state dict, and back. Names on the lmforge side are those of ``DecoderLM`` / ``EncoderModel``.
+state dict, and back. Names on the lmforge side are those of ``DecoderLM`` / ``EncoderModel`` /
+``Seq2SeqLM``.
 
 * GPT-2 stores its projections as ``Conv1D`` ([in, out], the transpose of ``nn.Linear``) and
   fuses the query, key and value projections into one ``c_attn``: split and transposed here.
@@ -15,55 +17,16 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.config import ModelConfig
-from lmforge.errors import LMForgeError
-from lmforge.interop.mapping import HFConfig, Weights, bias_or_zeros, model_config, rows
-
-
-class Architecture:
-    model_type = ""
-    hf_class = ""
-    #: what an lmforge model needs to be exported as this architecture
-    shape = ""
-
-    def config_from_hf(self, hf: HFConfig, names: set[str]) -> tuple[ModelConfig, list[str]]:
-        raise NotImplementedError
-
-    def from_hf(self, w: Weights, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def export_problems(self, cfg: ModelConfig) -> list[str]:
-        raise NotImplementedError
-
-    def config_to_hf(self, cfg: ModelConfig, tokens: dict) -> dict:
-        raise NotImplementedError
-
-    def to_hf(self, state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
-        raise NotImplementedError
-
-
-def _common_problems(cfg: ModelConfig, arch: str, pos: str, norm: str, ffns: tuple[str, ...], norm_position: str) -> list[str]:
-    problems = []
-    if cfg.arch != arch:
-        problems.append(f"model.arch={cfg.arch} (needs {arch})")
-    if cfg.pos_encoding != pos:
-        problems.append(f"pos_encoding={cfg.pos_encoding} (needs {pos})")
-    if cfg.norm != norm:
-        problems.append(f"norm={cfg.norm} (needs {norm})")
-    if cfg.ffn not in ffns:
-        problems.append(f"ffn={cfg.ffn} (needs {' or '.join(ffns)})")
-    if cfg.norm_position != norm_position:
-        problems.append(f"norm_position={cfg.norm_position} (needs {norm_position})")
-    return problems
-
-
-def _dropout(hf: HFConfig, keys: tuple[str, ...], default: float, notes: list[str]) -> float:
-    values = [float(hf.get(k, default)) for k in keys]
-    if len(set(values)) > 1:
-        notes.append(f"dropout: lmforge has one rate; took {keys[0]}={values[0]} (the others: "
-                     + ", ".join(f"{k}={v}" for k, v in zip(keys[1:], values[1:])) + "); training only")
-    return values[0]
-
+from lmforge.interop.mapping import (
+    Architecture,
+    bias_or_zeros,
+    common_problems,
+    model_config,
+    one_dropout,
+    output_head,
+    rows,
+)
+from lmforge.interop.marian import Marian
 
 # ---------------------------------------------------------------------------------------------- GPT-2
 
@@ -91,7 +54,7 @@ class GPT2(Architecture):
             pos_encoding="learned", ffn=_GPT2_ACT[act], norm="layernorm",
             norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), bias=True,
             tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            dropout=_dropout(hf, ("resid_pdrop", "embd_pdrop", "attn_pdrop"), 0.1, notes),
+            dropout=one_dropout(hf, ("resid_pdrop", "embd_pdrop", "attn_pdrop"), 0.1, notes),
             init_std=float(hf.get("initializer_range", 0.02)),
         )
         return cfg, notes
@@ -117,11 +80,11 @@ class GPT2(Architecture):
                 out[o + ours + ".weight"] = w.take(h + theirs + ".weight", (d,))
                 out[o + ours + ".bias"] = w.take(h + theirs + ".bias", (d,))
         out["norm_f.weight"], out["norm_f.bias"] = w.take(p + "ln_f.weight", (d,)), w.take(p + "ln_f.bias", (d,))
-        out["lm_head.weight"] = _head(w, cfg, out["tok_emb.weight"], "lm_head.weight")
+        out["lm_head.weight"] = output_head(w, cfg, out["tok_emb.weight"], "lm_head.weight")
         return out
 
     def export_problems(self, cfg):
-        problems = _common_problems(cfg, "decoder", "learned", "layernorm", ("gelu", "gelu_tanh"), "pre")
+        problems = common_problems(cfg, "decoder", "learned", "layernorm", ("gelu", "gelu_tanh"), "pre")
         if cfg.kv_heads != cfg.n_head:
             problems.append(f"n_kv_head={cfg.kv_heads} (GPT-2 has no grouped key/value heads)")
         return problems
@@ -161,18 +124,6 @@ class GPT2(Architecture):
         if not cfg.tie_embeddings:
             out["lm_head.weight"] = rows(state["lm_head.weight"], V)
         return out, notes
-
-
-def _head(w: Weights, cfg: ModelConfig, embedding: torch.Tensor, name: str) -> torch.Tensor:
-    """The output head: the embedding when tied (a stored copy must equal it), else its own tensor."""
-    if not cfg.tie_embeddings:
-        return w.take(name, (cfg.vocab_size, cfg.d_model))
-    if w.has(name):
-        stored = w.take(name, (cfg.vocab_size, cfg.d_model))
-        if not torch.equal(stored, embedding):
-            raise LMForgeError(f"{w.source}: config.json ties the output head to the embedding but {name!r} differs "
-                               "from it; set tie_word_embeddings=false in config.json if the head is its own")
-    return embedding
 
 
 # ---------------------------------------------------------------------------------------------- Llama
@@ -232,11 +183,11 @@ class Llama(Architecture):
             out[o + "attn_norm.weight"] = w.take(h + "input_layernorm.weight", (d,))
             out[o + "ffn_norm.weight"] = w.take(h + "post_attention_layernorm.weight", (d,))
         out["norm_f.weight"] = w.take(p + "norm.weight", (d,))
-        out["lm_head.weight"] = _head(w, cfg, out["tok_emb.weight"], "lm_head.weight")
+        out["lm_head.weight"] = output_head(w, cfg, out["tok_emb.weight"], "lm_head.weight")
         return out
 
     def export_problems(self, cfg):
-        return _common_problems(cfg, "decoder", "rotary", "rmsnorm", ("swiglu",), "pre")
+        return common_problems(cfg, "decoder", "rotary", "rmsnorm", ("swiglu",), "pre")
 
     def config_to_hf(self, cfg, tokens):
         return {
@@ -300,7 +251,7 @@ class Bert(Architecture):
             d_ff=hf.need("intermediate_size"), pos_encoding="learned", ffn=_BERT_ACT[act], norm="layernorm",
             norm_position="post", norm_eps=float(hf.get("layer_norm_eps", 1e-12)), bias=True,
             type_vocab_size=hf.get("type_vocab_size", 2), embed_norm=True, pooler=pooler,
-            dropout=_dropout(hf, ("hidden_dropout_prob", "attention_probs_dropout_prob"), 0.1, notes),
+            dropout=one_dropout(hf, ("hidden_dropout_prob", "attention_probs_dropout_prob"), 0.1, notes),
             init_std=float(hf.get("initializer_range", 0.02)),
         )
         return cfg, notes
@@ -333,7 +284,7 @@ class Bert(Architecture):
         return out
 
     def export_problems(self, cfg):
-        problems = _common_problems(cfg, "encoder", "learned", "layernorm", ("gelu", "gelu_tanh"), "post")
+        problems = common_problems(cfg, "encoder", "learned", "layernorm", ("gelu", "gelu_tanh"), "post")
         if not cfg.embed_norm:
             problems.append("embed_norm=false (BERT normalises its embeddings)")
         if cfg.type_vocab_size < 1:
@@ -386,4 +337,4 @@ def _bert_linears(d: int, ff: int) -> tuple[tuple[str, str, tuple[int, int]], ..
 
 _BERT_NORMS = (("attn_norm", "attention.output.LayerNorm"), ("ffn_norm", "output.LayerNorm"))
 
-ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (GPT2(), Llama(), Bert())}
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (GPT2(), Llama(), Bert(), Marian())}

@@ -5,6 +5,8 @@ directory (model.safetensors, config.json, tokenizer.json) that ``load_model``, 
 ``eval`` and ``train --train.init_from`` accept. It also holds ``recipe.yaml`` (the model's
 settings, for fine-tuning: ``lmforge train -c OUT_DIR/recipe.yaml --data.corpus=...``) and
 ``data/tokenizer.json``, the data directory that recipe prepares into with the same tokenizer.
+An encoder-decoder (Marian) becomes a translation checkpoint (``task.name=translation``, its
+decoder's start token in ``task.decoder_start``) for ``translate``, ``eval`` and ``finetune``.
 
 export: an lmforge checkpoint -> config.json, model.safetensors (sharded past a size, with
 model.safetensors.index.json) and tokenizer.json + tokenizer_config.json +
@@ -25,7 +27,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from lmforge.config import Config, DataConfig, ModelConfig, TrainConfig
+from lmforge.config import Config, DataConfig, ModelConfig, TaskConfig, TrainConfig
 from lmforge.errors import LMForgeError
 from lmforge.interop.architectures import ARCHITECTURES, Architecture
 from lmforge.interop.hf_files import (
@@ -51,8 +53,8 @@ def supported() -> str:
 
 
 def _unsupported(model_type: object, where: str) -> LMForgeError:
-    extra = (" Encoder-decoder models (marian, t5, bart) wait for lmforge's encoder-decoder mapping."
-             if model_type in ("marian", "t5", "bart", "mbart", "pegasus") else "")
+    extra = (" Of the encoder-decoder models lmforge maps marian only (t5, bart and their kin differ in positions "
+             "and norms)." if model_type in ("t5", "bart", "mbart", "pegasus") else "")
     return LMForgeError(f"{where}: architecture {model_type!r} is not supported; lmforge maps "
                         f"{', '.join(ARCHITECTURES)}.{extra} Convert a checkpoint of one of these")
 
@@ -77,15 +79,16 @@ def _temp_dir(out_dir: Path) -> Path:
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """An uninitialised DecoderLM / EncoderModel (memory allocated, values to be loaded)."""
+    """An uninitialised DecoderLM / EncoderModel / Seq2SeqLM (memory allocated, values to be loaded)."""
     from lmforge.model import DecoderLM
     from lmforge.model.encoder import EncoderModel
+    from lmforge.model.seq2seq import Seq2SeqLM
 
-    cls = EncoderModel if cfg.arch == "encoder" else DecoderLM
+    cls = {"encoder": EncoderModel, "seq2seq": Seq2SeqLM}.get(cfg.arch, DecoderLM)
     with torch.device("meta"):
         model = cls(cfg)
     model = model.to_empty(device=device)
-    if cfg.arch == "decoder" and cfg.tie_embeddings:  # to_empty gives each module its own tensor: tie again
+    if cfg.arch != "encoder" and cfg.tie_embeddings:  # to_empty gives each module its own tensor: tie again
         model.lm_head.weight = model.tok_emb.weight
     return model
 
@@ -112,13 +115,14 @@ def model_from_hf(raw_config: dict, tensors: dict[str, torch.Tensor], source: st
     for name in expected:  # the mapping's own bookkeeping; a failure here is a bug in it, not in the input
         assert name in state and tuple(state[name].shape) == tuple(expected[name].shape), name
     model.load_state_dict(state, strict=True)
-    assert not (mcfg.arch == "decoder" and mcfg.tie_embeddings) or model.lm_head.weight is model.tok_emb.weight
+    assert not (mcfg.arch != "encoder" and mcfg.tie_embeddings) or model.lm_head.weight is model.tok_emb.weight
     info = {"architecture": model_type, "weights": weights, "dropped": dropped, "notes": notes}
     return model.eval(), mcfg, info
 
 
 def from_transformers(hf_model: torch.nn.Module) -> torch.nn.Module:
-    """An lmforge copy of an in-memory transformers model (GPT2LMHeadModel, LlamaForCausalLM, BertModel)."""
+    """An lmforge copy of an in-memory transformers model (GPT2LMHeadModel, LlamaForCausalLM, BertModel,
+    MarianMTModel)."""
     state = {k: v.detach() for k, v in hf_model.state_dict().items()}
     return model_from_hf(hf_model.config.to_dict(), state, type(hf_model).__name__)[0]
 
@@ -162,17 +166,11 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tu
             data=DataConfig(tokenizer="bpe", vocab_size=max(tokenizer.vocab_size, 256 + len(specials)),
                             special_tokens=specials, data_dir=str(out_abs / "data")),
             train=TrainConfig(out_dir=f"{out_abs}-finetune", init_from=str(out_abs)),
+            task=_translation_task(raw, mcfg, tokenizer, hf_dir) if mcfg.arch == "seq2seq" else TaskConfig(),
         )
         save_file(unique_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
-        recipe = {"model": {k: v for k, v in cfg.to_dict()["model"].items() if k != "preset"},
-                  "data": {"tokenizer": "bpe", "data_dir": cfg.data.data_dir,
-                           "vocab_size": cfg.data.vocab_size, "special_tokens": specials},
-                  "train": {"init_from": str(out_abs), "out_dir": cfg.train.out_dir}}
-        (tmp / RECIPE).write_text(
-            "# Fine-tune the imported model: lmforge train -c " + str(out_abs / RECIPE) + " --data.corpus=YOUR_TEXT\n"
-            "# (data.data_dir holds the model's tokenizer, so `prepare` tokenizes with it.)\n"
-            + yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        _write_recipe(tmp / RECIPE, cfg, out_abs)
         (tmp / "data").mkdir()
         for name in TOKENIZER_FILES:
             if (tmp / name).is_file():
@@ -186,12 +184,14 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tu
     n_params = sum(t.numel() for t in stored.values())
     classes = raw.get("architectures") or [ARCHITECTURES[model_type].hf_class]
     log(f"import {hf_dir} ({model_type}: {', '.join(map(str, classes))}, {source}) -> {out_dir}")
-    log(f"  model: {mcfg.arch}, {mcfg.n_layer} layers, d_model {mcfg.d_model}, {mcfg.n_head} heads"
+    layers = f"{mcfg.n_encoder_layer or mcfg.n_layer}+{mcfg.n_layer}" if mcfg.arch == "seq2seq" else mcfg.n_layer
+    log(f"  model: {mcfg.arch}, {layers} layers, d_model {mcfg.d_model}, {mcfg.n_head} heads"
         f"{f' ({mcfg.kv_heads} key/value)' if mcfg.kv_heads != mcfg.n_head else ''}, vocab {mcfg.vocab_size}, "
         f"{mcfg.pos_encoding} positions, {mcfg.norm} ({mcfg.norm_position}-norm), {mcfg.ffn}, "
-        f"{'tied' if mcfg.tie_embeddings else 'untied'} head{', pooler' if mcfg.pooler else ''}; {n_params:,} parameters")
+        f"{'tied' if mcfg.tie_embeddings else 'untied'} head{', pooler' if mcfg.pooler else ''}"
+        f"{', output bias' if mcfg.output_bias else ''}; {n_params:,} parameters")
     log(f"  mapped {len(tensors) - len(dropped) - len(weights.buffers)} checkpoint tensors onto {len(stored)} lmforge "
-        f"tensors{' (the head tied to the embedding)' if mcfg.arch == 'decoder' and mcfg.tie_embeddings else ''}")
+        f"tensors{' (the head tied to the embedding)' if mcfg.arch != 'encoder' and mcfg.tie_embeddings else ''}")
     if weights.converted:
         log("  upcast to float32 (exact): " + ", ".join(f"{n} {k}" for k, n in weights.converted.items()) + " tensors")
     if weights.buffers:
@@ -205,9 +205,48 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tu
     if mcfg.arch == "decoder":
         log(f"  use: lmforge generate {out_dir} --prompt ...; fine-tune: lmforge train -c {out_dir / RECIPE} "
             "--data.corpus=YOUR_TEXT")
+    if mcfg.arch == "seq2seq":
+        log(f"  use: lmforge translate {out_dir} TEXT ...; fine-tune: lmforge finetune translation -c "
+            f"{out_dir / RECIPE} --train PAIRS.tsv --valid PAIRS.tsv")
     return {"architecture": model_type, "out_dir": str(out_dir), "tensors": len(stored), "dropped": dropped,
             "buffers": list(weights.buffers), "converted": dict(weights.converted), "notes": notes,
             "num_params": n_params}
+
+
+def _translation_task(raw: dict, mcfg: ModelConfig, tokenizer, hf_dir: Path) -> TaskConfig:
+    """An imported encoder-decoder is a translation model: the token its decoder starts from is named in
+    task.decoder_start, and its end token must be the tokenizer's (lmforge ends sources and outputs with it)."""
+    eos = raw.get("eos_token_id")
+    if isinstance(eos, int) and eos != tokenizer.eot_id:
+        raise LMForgeError(
+            f"{hf_dir}: config.json's eos_token_id is {eos} but the tokenizer's end token is "
+            f"{tokenizer.id_to_token(tokenizer.eot_id)!r} (id {tokenizer.eot_id}); name the end token as eos_token "
+            "in tokenizer_config.json")
+    start = raw.get("decoder_start_token_id", raw.get("pad_token_id"))
+    text = tokenizer.id_to_token(start) if isinstance(start, int) else None
+    if text is None:
+        raise LMForgeError(f"{hf_dir}: config.json's decoder_start_token_id {start!r} is not a token of the tokenizer; "
+                           "the tokenizer belongs to another model")
+    return TaskConfig(name="translation", decoder_start=text, max_source_len=min(256, mcfg.block_size),
+                      max_target_len=min(128, mcfg.block_size))
+
+
+def _write_recipe(path: Path, cfg: Config, out_abs: Path) -> None:
+    """recipe.yaml (written to ``path``, read from ``out_abs``): the model's settings and the imported
+    tokenizer, to fine-tune the imported model."""
+    full = cfg.to_dict()
+    recipe = {"model": {k: v for k, v in full["model"].items() if k != "preset"},
+              "data": {"tokenizer": "bpe", "data_dir": cfg.data.data_dir,
+                       "vocab_size": cfg.data.vocab_size, "special_tokens": cfg.data.special_tokens},
+              "train": {"init_from": str(out_abs), "out_dir": cfg.train.out_dir}}
+    if cfg.model.arch == "seq2seq":
+        recipe["task"] = {k: full["task"][k] for k in ("name", "decoder_start", "max_source_len", "max_target_len")}
+        header = (f"# Fine-tune the imported model: lmforge finetune translation -c {out_abs / RECIPE} "
+                  "--train PAIRS.tsv --valid PAIRS.tsv\n")
+    else:
+        header = (f"# Fine-tune the imported model: lmforge train -c {out_abs / RECIPE} --data.corpus=YOUR_TEXT\n"
+                  "# (data.data_dir holds the model's tokenizer, so `prepare` tokenizes with it.)\n")
+    path.write_text(header + yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------------------ export
@@ -216,18 +255,17 @@ def architecture_for(cfg: ModelConfig, where: str) -> Architecture:
     """The Hugging Face architecture that expresses ``cfg`` exactly, or a clear refusal."""
     if cfg.arch == "encoder":
         arch = ARCHITECTURES["bert"]
-    elif cfg.arch == "decoder" and cfg.pos_encoding == "learned":
+    elif cfg.arch == "seq2seq":
+        arch = ARCHITECTURES["marian"]
+    elif cfg.pos_encoding == "learned":
         arch = ARCHITECTURES["gpt2"]
-    elif cfg.arch == "decoder" and cfg.pos_encoding == "rotary":
+    elif cfg.pos_encoding == "rotary":
         arch = ARCHITECTURES["llama"]
-    elif cfg.arch == "decoder":
+    else:
         raise LMForgeError(
             f"{where}: pos_encoding={cfg.pos_encoding} has no exact Hugging Face equivalent among the architectures "
             f"lmforge maps ({supported()}); train with pos_encoding=learned (gpt2) or rotary (llama) to export"
         )
-    else:
-        raise LMForgeError(f"{where}: model.arch={cfg.arch} cannot be exported yet (encoder-decoder models such as "
-                           f"Marian are not mapped); lmforge exports {supported()}")
     problems = arch.export_problems(cfg)
     if problems:
         raise LMForgeError(
@@ -252,16 +290,31 @@ def _token_ids(tokenizer, tok_config: dict | None, decoder: bool) -> tuple[dict,
     return ids, names
 
 
+def _load_checkpoint(ckpt: Path) -> tuple[torch.nn.Module, Config, object, dict]:
+    """Model, Config and Tokenizer of a checkpoint; for an encoder-decoder (a translation or summarization
+    checkpoint) also the ids its decoding uses: eos, pad and decoder_start."""
+    from lmforge.train.checkpoint import load_model, read_config
+
+    if read_config(ckpt).model.arch != "seq2seq":
+        return (*load_model(ckpt), {})
+    from lmforge.tasks.model import load_task_model
+
+    task_model = load_task_model(ckpt)
+    ids = task_model.fmt.ids
+    return task_model.model, task_model.cfg, task_model.tokenizer, {"eos": ids.eos, "pad": ids.pad,
+                                                                    "decoder_start": ids.bos}
+
+
 def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, max_shard_size: str | int = DEFAULT_SHARD_SIZE,
                       log: Log = print) -> dict:
     """Write the lmforge checkpoint ``ckpt_dir`` (or a run directory's latest) as a Hugging Face checkpoint."""
-    from lmforge.train.checkpoint import TOKENIZER, latest_checkpoint, load_model
+    from lmforge.train.checkpoint import TOKENIZER, latest_checkpoint
 
     out_dir = Path(out_dir)
     max_bytes = parse_size(max_shard_size)
     _fresh_out_dir(out_dir)
     ckpt = latest_checkpoint(ckpt_dir)
-    model, cfg, tokenizer = load_model(ckpt)
+    model, cfg, tokenizer, task_ids = _load_checkpoint(ckpt)
     mcfg = cfg.model
     arch = architecture_for(mcfg, str(ckpt))
     hf_state, notes = arch.to_hf(model.state_dict(), mcfg)
@@ -272,6 +325,10 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, max_shard_size:
     tok_config = read_json_file(ckpt / "tokenizer_config.json", "tokenizer setting") \
         if (ckpt / "tokenizer_config.json").is_file() else None
     ids, names = _token_ids(tokenizer, tok_config, mcfg.arch == "decoder")
+    if task_ids:  # an encoder-decoder: the ids its translations use
+        ids = {**ids, **task_ids}
+        names.setdefault("eos_token", tokenizer.id_to_token(task_ids["eos"]))
+        names.setdefault("pad_token", tokenizer.id_to_token(task_ids["pad"]))
     hf_config = {**arch.config_to_hf(mcfg, ids), "dtype": "float32"}
 
     tmp = _temp_dir(out_dir)
@@ -279,7 +336,10 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, max_shard_size:
         files = save_hf_weights(hf_state, tmp, max_bytes)
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(ckpt / TOKENIZER, tmp / TOKENIZER)
-        if tok_config is not None:  # the imported model's own settings (casing, special tokens, lengths)
+        if tok_config is not None and tok_config.get("tokenizer_class") == "MarianTokenizer":
+            tok_config = {**tok_config, "tokenizer_class": "PreTrainedTokenizerFast"}  # its .spm files stay behind
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n", encoding="utf-8")
+        elif tok_config is not None:  # the imported model's own settings (casing, special tokens, lengths)
             shutil.copyfile(ckpt / "tokenizer_config.json", tmp / "tokenizer_config.json")
         else:
             tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": mcfg.block_size,

@@ -5,7 +5,9 @@ Weights: ``model.safetensors``, sharded ``model-0000i-of-0000n.safetensors`` wit
 file is a pickle; it is read with ``torch.load(weights_only=True)``, which restores tensors and
 plain containers only and refuses anything else, so a file crafted to run code is an error,
 never executed. Tokenizers: ``tokenizer.json``, or the older files (``vocab.txt``,
-``vocab.json`` + ``merges.txt``, ...) converted by ``transformers`` when it is installed.
+``vocab.json`` + ``merges.txt``, ...) converted by ``transformers`` when it is installed. Marian's
+SentencePiece files (``source.spm``, ``target.spm``) are not converted: such a checkpoint needs a
+``tokenizer.json`` beside them.
 """
 
 from __future__ import annotations
@@ -165,6 +167,12 @@ def import_tokenizer(hf_dir: Path, out_dir: Path) -> str:
         Tokenizer.load(hf_dir / "tokenizer.json")  # refuses a damaged file with a clear message
         shutil.copyfile(hf_dir / "tokenizer.json", out_dir / "tokenizer.json")
         return "tokenizer.json copied" + _without_batch_settings(out_dir / "tokenizer.json")
+    marian = [n for n in ("source.spm", "target.spm") if (hf_dir / n).is_file()]
+    if marian:
+        raise LMForgeError(
+            f"{hf_dir} has a Marian tokenizer ({', '.join(marian)} + vocab.json: a SentencePiece model per side over "
+            "one vocabulary), which lmforge does not convert; add a tokenizer.json with the same token ids "
+            "(one tokenizer for both sides) to import this model")
     old_files = [n for n in ("vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model")
                  if (hf_dir / n).is_file()]
     if not old_files:

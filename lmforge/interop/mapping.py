@@ -126,3 +126,70 @@ def bias_or_zeros(state: dict[str, torch.Tensor], name: str, size: int) -> torch
     """A bias from the lmforge state dict, or zeros where the model has none (bias=false): the same output."""
     t = state.get(name)
     return t if t is not None else torch.zeros(size)
+
+
+# ------------------------------------------------------------------------------------ architectures
+
+class Architecture:
+    """One Hugging Face architecture, both ways (see lmforge/interop/architectures.py and marian.py)."""
+
+    model_type = ""
+    hf_class = ""
+    #: what an lmforge model needs to be exported as this architecture
+    shape = ""
+
+    def config_from_hf(self, hf: HFConfig, names: set[str]) -> tuple[ModelConfig, list[str]]:
+        raise NotImplementedError
+
+    def from_hf(self, w: Weights, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def export_problems(self, cfg: ModelConfig) -> list[str]:
+        raise NotImplementedError
+
+    def config_to_hf(self, cfg: ModelConfig, tokens: dict) -> dict:
+        raise NotImplementedError
+
+    def to_hf(self, state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], list[str]]:
+        raise NotImplementedError
+
+
+def common_problems(cfg: ModelConfig, arch: str, pos: str, norm: str, ffns: tuple[str, ...], norm_position: str) -> list[str]:
+    """The settings of ``cfg`` that differ from what an architecture needs, each as 'key=value (needs ...)'."""
+    problems = []
+    if cfg.arch != arch:
+        problems.append(f"model.arch={cfg.arch} (needs {arch})")
+    if cfg.pos_encoding != pos:
+        problems.append(f"pos_encoding={cfg.pos_encoding} (needs {pos})")
+    if cfg.norm != norm:
+        problems.append(f"norm={cfg.norm} (needs {norm})")
+    if cfg.ffn not in ffns:
+        problems.append(f"ffn={cfg.ffn} (needs {' or '.join(ffns)})")
+    if cfg.norm_position != norm_position:
+        problems.append(f"norm_position={cfg.norm_position} (needs {norm_position})")
+    return problems
+
+
+def one_dropout(hf: HFConfig, keys: tuple[str, ...], default: float | tuple[float, ...], notes: list[str]) -> float:
+    """lmforge's one dropout rate from several (the first key's), with a note when they differ."""
+    defaults = default if isinstance(default, tuple) else (default,) * len(keys)
+    values = [float(hf.get(k, d)) for k, d in zip(keys, defaults)]
+    if len(set(values)) > 1:
+        notes.append(f"dropout: lmforge has one rate; took {keys[0]}={values[0]} (the others: "
+                     + ", ".join(f"{k}={v}" for k, v in zip(keys[1:], values[1:])) + "); training only")
+    return values[0]
+
+
+def output_head(w: Weights, cfg: ModelConfig, embedding: torch.Tensor, name: str) -> torch.Tensor:
+    """The output head: the embedding when tied (a stored copy must equal it), else its own tensor."""
+    if not cfg.tie_embeddings:
+        return w.take(name, (cfg.vocab_size, cfg.d_model))
+    tied_copy(w, name, embedding, "ties the output head to the embedding",
+              "set tie_word_embeddings=false in config.json if the head is its own")
+    return embedding
+
+
+def tied_copy(w: Weights, name: str, table: torch.Tensor, tie: str, fix: str) -> None:
+    """A stored copy of a tied tensor, consumed if present; it must equal the tensor it copies."""
+    if w.has(name) and not torch.equal(w.take(name, tuple(table.shape)), table):
+        raise LMForgeError(f"{w.source}: config.json {tie} but {name!r} differs from it; {fix}")

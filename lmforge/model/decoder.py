@@ -38,7 +38,7 @@ class DecoderLM(nn.Module):
         if cfg.pos_encoding == "learned":
             self.pos_emb = LearnedPositionalEncoding(cfg.block_size, cfg.d_model)
         elif cfg.pos_encoding == "sinusoidal":
-            self.pos_emb = PositionalEncoding(cfg.d_model, cfg.block_size)
+            self.pos_emb = PositionalEncoding(cfg.d_model, cfg.block_size, cfg.sinusoidal_layout)
         else:
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.drop = nn.Dropout(cfg.dropout)

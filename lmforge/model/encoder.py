@@ -58,7 +58,7 @@ class EncoderModel(nn.Module):
         if cfg.pos_encoding == "learned":
             self.pos_emb = LearnedPositionalEncoding(cfg.block_size, cfg.d_model)
         elif cfg.pos_encoding == "sinusoidal":
-            self.pos_emb = PositionalEncoding(cfg.d_model, cfg.block_size)
+            self.pos_emb = PositionalEncoding(cfg.d_model, cfg.block_size, cfg.sinusoidal_layout)
         else:
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None

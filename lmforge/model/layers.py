@@ -20,18 +20,23 @@ from lmforge.config import ModelConfig
 # Positional encodings
 
 
-def sinusoidal_encoding(positions: int | torch.Tensor, d: int, base: float = 10000.0) -> torch.Tensor:
+def sinusoidal_encoding(positions: int | torch.Tensor, d: int, base: float = 10000.0, layout: str = "interleaved",
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """PE(pos, 2i) = sin(pos / base^(2i/d)),  PE(pos, 2i+1) = cos(pos / base^(2i/d)).
 
-    ``positions`` is a count ``n_pos`` (-> rows 0..n_pos-1, shape [n_pos, d]) or a tensor of
-    positions of any shape (-> shape [*positions.shape, d]). Computed in float32 on the fly,
-    so there is no buffer to go stale when the model is moved, cast or built on the meta device.
+    ``layout="halves"`` puts the same values in another order: the ceil(d/2) sines first, then
+    the d//2 cosines (Marian's layout). ``positions`` is a count ``n_pos`` (-> rows 0..n_pos-1,
+    shape [n_pos, d]) or a tensor of positions of any shape (-> shape [*positions.shape, d]).
+    Computed on the fly (float32 unless ``dtype`` says otherwise), so there is no buffer to go
+    stale when the model is moved, cast or built on the meta device.
     """
     if isinstance(positions, int):
         positions = torch.arange(positions)
-    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
-    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq  # [..., ceil(d/2)]
-    pe = torch.empty(*positions.shape, d, device=positions.device, dtype=torch.float32)
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, device=positions.device, dtype=dtype) / d))
+    angles = positions.to(dtype).unsqueeze(-1) * inv_freq  # [..., ceil(d/2)]
+    if layout == "halves":
+        return torch.cat((torch.sin(angles), torch.cos(angles[..., : d // 2])), dim=-1)
+    pe = torch.empty(*positions.shape, d, device=positions.device, dtype=dtype)
     pe[..., 0::2] = torch.sin(angles)
     pe[..., 1::2] = torch.cos(angles[..., : d // 2])
     return pe
@@ -41,16 +46,17 @@ class PositionalEncoding(nn.Module):
     """Fixed sinusoidal positions, ADDED to the token embeddings (the original Transformer).
 
     The article's sample code multiplied the embedding by the encoding, which wipes out the
-    token information wherever the sine is near zero; here it is a plain sum.
+    token information wherever the sine is near zero; here it is a plain sum. ``layout``:
+    see :func:`sinusoidal_encoding`.
     """
 
-    def __init__(self, d_model: int, max_len: int):
+    def __init__(self, d_model: int, max_len: int, layout: str = "interleaved"):
         super().__init__()
-        self.d_model, self.max_len = d_model, max_len
+        self.d_model, self.max_len, self.layout = d_model, max_len, layout
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [B, T, d_model], positions [B, T] or [1, T] -> x + PE(positions)."""
-        return x + sinusoidal_encoding(positions, self.d_model).to(x.dtype)
+        return x + sinusoidal_encoding(positions, self.d_model, layout=self.layout).to(x.dtype)
 
 
 class LearnedPositionalEncoding(nn.Embedding):
@@ -243,8 +249,9 @@ class MultiHeadAttention(nn.Module):
 class FeedForward(nn.Module):
     """Position-wise feed-forward network.
 
-    gelu / gelu_tanh: down(act(up(x)))  (GPT-2 uses the tanh approximation of GELU).
-    swiglu:           down(silu(gate(x)) * up(x))  (Llama).
+    gelu / gelu_tanh / relu / silu: down(act(up(x)))  (GPT-2 uses the tanh approximation of GELU,
+                                    the original Transformer ReLU, Marian SiLU, there called swish).
+    swiglu:                         down(silu(gate(x)) * up(x))  (Llama: gated).
     """
 
     def __init__(self, d_model: int, d_ff: int, kind: str = "gelu", bias: bool = False):
@@ -258,6 +265,10 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.kind == "relu":
+            return self.down_proj(F.relu(self.up_proj(x)))
+        if self.kind == "silu":
+            return self.down_proj(F.silu(self.up_proj(x)))
         approximate = "tanh" if self.kind == "gelu_tanh" else "none"
         return self.down_proj(F.gelu(self.up_proj(x), approximate=approximate))
 

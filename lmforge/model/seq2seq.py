@@ -3,11 +3,14 @@
 source ids -> embedding (+ positions) -> n_encoder_layer blocks of bidirectional self-attention
 (source padding masked) -> encoder norm = the memory.
 target ids -> embedding (+ positions) -> n_layer blocks of causal self-attention, cross-attention
-over the memory and feed-forward -> final norm -> output head (tied to the target embedding).
+over the memory and feed-forward -> final norm -> output head (tied to the target embedding,
+plus a bias over the vocabulary with ``output_bias``).
 
 Source and target share one token embedding by default (a joint vocabulary); positions are
-sinusoidal, learned or rotary (rotary on self-attention only); norms sit before each sublayer
-(pre) or after the residual sum (post, the original paper). Weight names follow ``DecoderLM``
+sinusoidal (in either ``sinusoidal_layout``), learned or rotary (rotary on self-attention only);
+norms sit before each sublayer (pre) or after the residual sum (post, the original paper).
+Marian (``lmforge import`` of an opus-mt model) is sinusoidal with the halves layout, post-norm,
+biases everywhere and an output bias. Weight names follow ``DecoderLM``
 for the decoder side (``tok_emb``, ``pos_emb``, ``blocks``, ``norm_f``, ``lm_head``), so a
 language model's weights can start the decoder (and the encoder) of a translation model.
 """
@@ -108,7 +111,7 @@ class Seq2SeqLM(nn.Module):
             self.pos_emb = LearnedPositionalEncoding(cfg.block_size, cfg.d_model)
             self.src_pos_emb = LearnedPositionalEncoding(cfg.block_size, cfg.d_model)
         elif cfg.pos_encoding == "sinusoidal":
-            self.pos_emb = self.src_pos_emb = PositionalEncoding(cfg.d_model, cfg.block_size)
+            self.pos_emb = self.src_pos_emb = PositionalEncoding(cfg.d_model, cfg.block_size, cfg.sinusoidal_layout)
         else:
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         # Sinusoids have unit amplitude; embeddings start at init_std. As in the paper (section 3.4)
@@ -120,7 +123,8 @@ class Seq2SeqLM(nn.Module):
         # Post-norm blocks already end in a norm; pre-norm stacks need one at the top.
         self.encoder_norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
-        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        # output_bias: a bias over the vocabulary (Marian's final_logits_bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=cfg.output_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.init_weights()

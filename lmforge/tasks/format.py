@@ -13,7 +13,8 @@ ignore index), then prompted with ``[prefix] source <sep>`` to generate.
 ``<eos>`` is the tokenizer's end-of-text token (its first special token); ``<s>``, ``<sep>`` and
 ``<pad>`` are used when the tokenizer has them and fall back to ``<eos>`` otherwise (a language
 model's tokenizer usually has only end-of-text), which is unambiguous because targets are read
-after a fixed start and padding is always masked.
+after a fixed start and padding is always masked. ``task.decoder_start`` names another start token
+(an imported Marian model's decoder starts from ``<pad>``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class SpecialIds:
     prefix: list[int]
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, source_prefix: str = "") -> "SpecialIds":
+    def from_tokenizer(cls, tokenizer, source_prefix: str = "", decoder_start: str = "") -> "SpecialIds":
+        """The ids in ``tokenizer``; ``decoder_start`` names the decoder's start token (task.decoder_start)."""
         if tokenizer.eot_id is None:
             raise LMForgeError("the tokenizer has no special tokens, so no end-of-sequence token; "
                                "train one with data.special_tokens (the first marks the end)")
@@ -58,8 +60,14 @@ class SpecialIds:
             i = tokenizer.token_to_id(token)
             return eos if i is None or token not in tokenizer.special_tokens else i
 
+        bos = get(BOS)
+        if decoder_start:
+            bos = tokenizer.token_to_id(decoder_start)
+            if bos is None:
+                raise LMForgeError(f"task.decoder_start={decoder_start!r} is not a token of the tokenizer; "
+                                   "name one of its tokens (e.g. <pad>) or leave it empty")
         prefix = tokenizer.encode(source_prefix) if source_prefix else []
-        return cls(eos=eos, bos=get(BOS), sep=get(SEP), pad=get(PAD), prefix=prefix)
+        return cls(eos=eos, bos=bos, sep=get(SEP), pad=get(PAD), prefix=prefix)
 
 
 class TaskFormat:

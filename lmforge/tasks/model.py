@@ -96,7 +96,8 @@ class TaskModel:
 
     def __init__(self, model: nn.Module, cfg: Config, tokenizer):
         self.model, self.cfg, self.tokenizer = model, cfg, tokenizer
-        self.fmt = TaskFormat(cfg.model.arch, SpecialIds.from_tokenizer(tokenizer, cfg.task.source_prefix))
+        ids = SpecialIds.from_tokenizer(tokenizer, cfg.task.source_prefix, cfg.task.decoder_start)
+        self.fmt = TaskFormat(cfg.model.arch, ids)
 
     def encode_sources(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
         """Formatted sources, each cut to task.max_source_len tokens; also how many were cut."""

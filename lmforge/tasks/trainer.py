@@ -308,7 +308,7 @@ def finetune(cfg: Config, resume: bool = False) -> dict[str, Any]:
                            f"{tokenizer.vocab_size} tokens; set --model.vocab_size=0 to take it from the tokenizer")
     mcfg = cfg.model
     _check_positions(mcfg, cfg)
-    ids = SpecialIds.from_tokenizer(tokenizer, task.source_prefix)
+    ids = SpecialIds.from_tokenizer(tokenizer, task.source_prefix, task.decoder_start)
     fmt = TaskFormat(mcfg.arch, ids)
 
     train_data = TaskData.load(task.train_file, tokenizer, fmt, cfg)
