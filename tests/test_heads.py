@@ -220,3 +220,22 @@ def test_pretrain_encoder_checkpoint_loads(tmp_path, capsys):
     assert summary["steps"] == 4 and summary["val_loss"] > 0
     model, cfg, tok = load_model(tmp_path / "run")
     assert cfg.model.arch == "encoder" and tok.token_to_id("<mask>") is not None
+
+
+def test_indicator_marks_as_second_segment_and_leaves_unmarked_tokens_alone():
+    """Unmarked tokens see exactly the trunk's input; with token types, a marked token reads as
+    segment B (the same hidden states as token_type_ids=1); without, the mark is not zero."""
+    torch.manual_seed(0)
+    bert_like = tiny("encoder", 20, type_vocab_size=2, embed_norm=True, norm_position="post")
+    tagger = TokenClassifier(bert_like, 3, n_indicator=2, dropout=0.0).eval()
+    ids = torch.randint(0, 20, (2, 7))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    marked = torch.zeros_like(ids)
+    marked[:, 3] = 1
+    with torch.no_grad():
+        torch.testing.assert_close(tagger.states(ids, mask, torch.zeros_like(ids)), bert_like(ids, attention_mask=mask))
+        torch.testing.assert_close(tagger.states(ids, mask, marked),
+                                   bert_like(ids, attention_mask=mask, token_type_ids=marked))
+    plain = TokenClassifier(tiny("encoder", 20), 3, n_indicator=2)
+    assert plain.indicator.weight[0].abs().sum() == 0
+    assert plain.indicator.weight[1].std() > 0.5 * plain.trunk.tok_emb.weight.std()

@@ -104,8 +104,14 @@ class SequenceClassifier(nn.Module):
 
 class TokenClassifier(nn.Module):
     """trunk -> per-token logits [B, T, n_labels]; optional indicator embedding added to the input
-    (``n_indicator`` values, e.g. 2 for "is / is not the predicate"), zero at the start so the
-    trunk first sees exactly its pre-trained input."""
+    (``n_indicator`` values, e.g. 2 for "is / is not the predicate").
+
+    Value 0 adds nothing, so unmarked tokens are exactly the trunk's pre-trained input. The other
+    values must be visible from the first step (a mark learned up from zero is still too faint
+    to tell predicates apart after hundreds of steps): with a BERT-style trunk they start as its
+    second segment, ``type_emb[1] - type_emb[0]`` (a marked token reads as segment B, which the
+    trunk was pre-trained on); otherwise as random vectors on the scale of the token embeddings.
+    """
 
     def __init__(self, trunk: nn.Module, n_labels: int, n_indicator: int = 0, dropout: float = 0.1):
         super().__init__()
@@ -113,11 +119,21 @@ class TokenClassifier(nn.Module):
         d = trunk.cfg.d_model
         self.indicator = nn.Embedding(n_indicator, d) if n_indicator else None
         if self.indicator is not None:
-            nn.init.zeros_(self.indicator.weight)
+            self._init_indicator(trunk)
         self.drop = nn.Dropout(dropout)
         self.classifier = nn.Linear(d, n_labels)
         nn.init.normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)
+
+    @torch.no_grad()
+    def _init_indicator(self, trunk: nn.Module) -> None:
+        weight = self.indicator.weight
+        weight.zero_()
+        types = getattr(trunk, "type_emb", None)
+        if types is not None and types.num_embeddings >= 2:
+            weight[1:] = types.weight[1] - types.weight[0]
+        else:
+            weight[1:].normal_(std=float(trunk.tok_emb.weight.std()))
 
     def states(self, idx: torch.Tensor, attention_mask: torch.Tensor, indicator: torch.Tensor | None = None):
         extra = self.indicator(indicator) if self.indicator is not None and indicator is not None else None

@@ -5,7 +5,8 @@ One trunk, three small heads (:class:`SRLModel`):
 - predicate identification: tag every word predicate / not (one pass per sentence);
 - roles: for one predicate, tag every word with its role (ARG0, ARGM-TMP, ..., ``_`` for none).
   The predicate's position enters as an indicator embedding added to the input (1 on the
-  predicate's tokens, 0 elsewhere), so one pass per (sentence, predicate) pair, batched;
+  predicate's tokens, 0 elsewhere; it starts as the trunk's second segment, see
+  :class:`lmforge.model.heads.TokenClassifier`), so one pass per (sentence, predicate) pair, batched;
 - senses (optional): the sense number (01, 02, ...) from the predicate's state in its role pass.
 
 Labels sit on each word's first subword (:func:`lmforge.model.heads.align_words`); the other
