@@ -252,7 +252,7 @@ def test_learns_to_reverse_short_sequences_exactly():
     fmt = TaskFormat("seq2seq", ids)
     m = Seq2SeqLM(ModelConfig(vocab_size=12, d_model=64, n_head=2, n_layer=2, n_encoder_layer=2, d_ff=128,
                               arch="seq2seq", pos_encoding="sinusoidal", block_size=16))
-    opt = torch.optim.AdamW(m.parameters(), lr=5e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
 
     def sample(n):
         src = [[rng.randint(4, 11) for _ in range(rng.randint(2, 4))] for _ in range(n)]

@@ -129,10 +129,21 @@ class Seq2SeqLM(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         self.init_weights()
 
-    # The decoder-only model's initialisation (normal(0, init_std), residual projections scaled by
-    # 1/sqrt(2 * n_layer), unit norms) and its KV cache (one slot per decoder block) serve unchanged.
-    init_weights = DecoderLM.init_weights
+    # The decoder-only model's KV cache (one slot per decoder block) serves unchanged.
     new_cache = DecoderLM.new_cache
+
+    def init_weights(self) -> None:
+        """The decoder-only model's initialisation (normal(0, init_std), residual projections scaled
+        by 1/sqrt(2 * n_layer), unit norms), except for token embeddings that are scaled by
+        sqrt(d_model) (sinusoidal positions): those start at normal(0, 1/sqrt(d_model)), as in the
+        original Transformer, so that scaled tokens have unit variance per feature next to the
+        sinusoids' 1/2. At init_std they would start ~4x weaker than the positions (d_model 128)
+        and the model would first learn mostly where a token is, not which token it is."""
+        DecoderLM.init_weights(self)
+        if self.emb_scale != 1.0:
+            for table in (self.tok_emb, self.src_emb):
+                if table is not None:
+                    nn.init.normal_(table.weight, mean=0.0, std=self.cfg.d_model ** -0.5)
 
     def _embed(self, ids: torch.Tensor, table: nn.Embedding, pos: nn.Module | None, start: int):
         T = ids.size(1)
