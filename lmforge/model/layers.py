@@ -246,6 +246,10 @@ class MultiHeadAttention(nn.Module):
 # Feed-forward and the block
 
 
+#: the plain (not gated) feed-forward activations
+_ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
+
+
 class FeedForward(nn.Module):
     """Position-wise feed-forward network.
 
@@ -259,18 +263,15 @@ class FeedForward(nn.Module):
         self.kind = kind
         if kind == "swiglu":
             self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        else:
+            self.act = _ACTIVATIONS[kind]
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        if self.kind == "relu":
-            return self.down_proj(F.relu(self.up_proj(x)))
-        if self.kind == "silu":
-            return self.down_proj(F.silu(self.up_proj(x)))
-        approximate = "tanh" if self.kind == "gelu_tanh" else "none"
-        return self.down_proj(F.gelu(self.up_proj(x), approximate=approximate))
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class Block(nn.Module):

@@ -114,8 +114,8 @@ class Seq2SeqLM(nn.Module):
             self.pos_emb = self.src_pos_emb = PositionalEncoding(cfg.d_model, cfg.block_size, cfg.sinusoidal_layout)
         else:
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        # Sinusoids have unit amplitude; embeddings start at init_std. As in the paper (section 3.4)
-        # the embeddings are multiplied by sqrt(d_model) so that positions do not drown the tokens.
+        # As in the paper (section 3.4) sinusoidally-positioned embeddings are multiplied by
+        # sqrt(d_model), so that the unit-amplitude positions do not drown the tokens (init_weights).
         self.emb_scale = math.sqrt(cfg.d_model) if cfg.pos_encoding == "sinusoidal" else 1.0
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder_blocks = nn.ModuleList(Seq2SeqBlock(cfg) for _ in range(self.n_encoder_layer))

@@ -21,6 +21,7 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.adamw import adamw
 
 from lmforge.config import TrainConfig
 from lmforge.errors import LMForgeError
@@ -122,7 +123,7 @@ class Muon(torch.optim.Optimizer):
     Muon, per matrix ``W`` (out x in) with gradient ``G``, momentum ``mu``, learning rate ``lr``:
     ``B <- mu B + (1 - mu) G``; ``N = (1 - mu) G + mu B`` (Nesterov);
     ``W <- W (1 - lr wd) - lr sqrt(max(1, out / in)) orthogonalize(N)``.
-    The AdamW groups follow ``torch.optim.AdamW`` exactly (tests/test_optim.py compares them).
+    The AdamW groups take torch's AdamW step (tests/test_optim.py compares them with ``torch.optim.AdamW``).
     """
 
     def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.99),
@@ -139,21 +140,21 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if group["weight_decay"]:
-                for p in params:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
             (self._muon if group["muon"] else self._adamw)(group, params)
         return loss
 
     def _muon(self, group: dict, params: list[torch.Tensor]) -> None:
-        """Nesterov momentum, then one batched Newton-Schulz per shape (same numbers as one by one)."""
-        lr, mu = group["lr"], group["momentum"]
+        """Decoupled decay, Nesterov momentum, then one batched Newton-Schulz per shape (same numbers
+        as one by one)."""
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
         by_shape: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p)
             state["momentum_buffer"].lerp_(p.grad, 1 - mu)
+            if wd:
+                p.mul_(1 - lr * wd)
             by_shape.setdefault(tuple(p.shape), []).append(p)
         for (rows, cols), same in by_shape.items():
             nesterov = torch.stack([p.grad.lerp(self.state[p]["momentum_buffer"], mu) for p in same])
@@ -162,20 +163,16 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update, alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
     def _adamw(self, group: dict, params: list[torch.Tensor]) -> None:
-        """Adam with bias correction (the decoupled decay is done in :meth:`step`), as torch's AdamW."""
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        """torch's own AdamW step (its functional form) on this group's parameters."""
         for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            t = state["step"].item()
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-            p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1 ** t))
+            if not self.state[p]:
+                self.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                     exp_avg_sq=torch.zeros_like(p))
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+              [], [s["step"] for s in states], amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 def muon_params(model: nn.Module) -> set[int]:
