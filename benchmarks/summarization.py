@@ -8,6 +8,8 @@ benchmarks/translation.py) and evaluated four times on the way (for rougeL.png):
 
 - seq2seq: recipe summarization-bbc from scratch, the first 256 tokens of each article, its own
   joint BPE of 4,096 tokens (data/bbc-headlines).
+- seq2seq-copy: the same with a pointer-generator output (model.copy_attention=true), which can
+  copy article tokens into the headline.
 - decoder: the decoder-only design ("article <sep> headline", loss on the headline) from scratch,
   6 blocks, the first 128 tokens of each article.
 - decoder-lm: the same, started (--init-from) from a language model that `lmforge train` first
@@ -41,7 +43,9 @@ SIZES = {"small": ["--model.d_model=128", "--model.d_ff=512", "--task.batch_toke
                    "--train.warmup_steps=30", "--model.dropout=0"], "recipe": []}
 DECODER = ["--model.arch=decoder", "--model.n_layer=6", "--model.pos_encoding=learned", "--model.block_size=160",
            "--task.max_source_len=128", "--task.max_target_len=32"]
-SYSTEMS = ("seq2seq", "decoder", "decoder-lm")
+SYSTEMS = ("seq2seq", "seq2seq-copy", "decoder", "decoder-lm")
+#: what each system changes in the recipe
+DESIGNS = {"seq2seq": [], "seq2seq-copy": ["--model.copy_attention=true"], "decoder": DECODER, "decoder-lm": DECODER}
 
 
 def pretrain_lm(work: Path, minutes: float, size: str) -> Path:
@@ -75,7 +79,7 @@ def run_system(system: str, args, work: Path, overrides: list[str], lm: Path | N
 
     out_dir = work / system
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run each time
-    design = DECODER if system.startswith("decoder") else []
+    design = DESIGNS[system]
     cfg = load_config(RECIPE, [f"--train.out_dir={out_dir}", "--train.progress=false", "--train.tensorboard=false",
                                "--train.ckpt_interval=0", "--train.device=cpu", "--train.dtype=float32",
                                *SIZES[args.size], *design, *overrides])

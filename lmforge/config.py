@@ -81,6 +81,9 @@ class ModelConfig:
     share_embeddings: bool = True
     #: seq2seq: a bias added to the output logits (Marian's final_logits_bias)
     output_bias: bool = False
+    #: seq2seq: a pointer-generator output (See et al. 2017): a learned gate mixes the vocabulary
+    #: distribution with a copy distribution, one attention over the source tokens
+    copy_attention: bool = False
     #: encoder: number of token types (segments), each with a learned embedding (BERT: 2); 0 = none
     type_vocab_size: int = 0
     #: encoder: normalise the summed embeddings before the first block (BERT)
@@ -99,6 +102,9 @@ class ModelConfig:
         if self.output_bias and self.arch != "seq2seq":
             raise LMForgeError("model.output_bias applies to arch=seq2seq only; "
                                "set model.arch=seq2seq or leave it false")
+        if self.copy_attention and self.arch != "seq2seq":
+            raise LMForgeError("model.copy_attention applies to arch=seq2seq only (a decoder-only model reads "
+                               "its source through self-attention); set model.arch=seq2seq or leave it false")
         if self.norm_position == "post" and self.arch == "decoder":
             raise LMForgeError("model.norm_position=post is built for arch=seq2seq and encoder only; use pre for a decoder")
         if self.arch != "encoder" and (self.type_vocab_size or self.embed_norm or self.pooler):

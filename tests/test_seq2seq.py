@@ -9,7 +9,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
 from lmforge.model import DecoderLM
-from lmforge.model.seq2seq import CrossAttention, Seq2SeqBlock, Seq2SeqLM
+from lmforge.model.seq2seq import CopyHead, CrossAttention, Seq2SeqBlock, Seq2SeqLM
 from lmforge.tasks import beam
 from lmforge.tasks.format import IGNORE_INDEX, SpecialIds, TaskFormat, sequence_loss
 from lmforge.tasks.model import warm_start, warm_start_config
@@ -91,10 +91,10 @@ def test_post_norm_block_matches_its_formula():
     assert not torch.allclose(pre(x, causal=True, memory=memory), expected)
 
 
-@pytest.mark.parametrize("pos", ["sinusoidal", "learned", "rotary"])
-@pytest.mark.parametrize("norm_position", ["pre", "post"])
-def test_source_padding_never_changes_outputs(pos, norm_position):
-    m = model(pos_encoding=pos, norm_position=norm_position)
+@pytest.mark.parametrize("pos,norm_position,copy", [(p, n, False) for p in ("sinusoidal", "learned", "rotary")
+                                                    for n in ("pre", "post")] + [("sinusoidal", "pre", True)])
+def test_source_padding_never_changes_outputs(pos, norm_position, copy):
+    m = model(pos_encoding=pos, norm_position=norm_position, copy_attention=copy)
     src = torch.randint(3, V, (1, 5))
     tgt = torch.randint(3, V, (1, 6))
     alone = m(src, tgt)
@@ -106,8 +106,9 @@ def test_source_padding_never_changes_outputs(pos, norm_position):
         torch.testing.assert_close(out[0:1], alone, atol=1e-5, rtol=1e-4)
 
 
-def test_decoder_cannot_see_future_targets_but_encoder_sees_all():
-    m = model()
+@pytest.mark.parametrize("copy", [False, True])
+def test_decoder_cannot_see_future_targets_but_encoder_sees_all(copy):
+    m = model(copy_attention=copy)
     src, tgt = torch.randint(3, V, (2, 7)), torch.randint(3, V, (2, 6))
     base = m(src, tgt)
     for t in range(5):
@@ -119,18 +120,86 @@ def test_decoder_cannot_see_future_targets_but_encoder_sees_all():
     assert not torch.allclose(m(later_source, tgt)[:, 0], base[:, 0])  # bidirectional encoder
 
 
-@pytest.mark.parametrize("pos", ["sinusoidal", "learned", "rotary"])
-@pytest.mark.parametrize("norm_position", ["pre", "post"])
-def test_cached_step_decoding_equals_the_full_forward(pos, norm_position):
-    m = model(pos_encoding=pos, norm_position=norm_position, n_kv_head=2)
+@pytest.mark.parametrize("pos,norm_position,copy", [(p, n, False) for p in ("sinusoidal", "learned", "rotary")
+                                                    for n in ("pre", "post")] + [("rotary", "pre", True)])
+def test_cached_step_decoding_equals_the_full_forward(pos, norm_position, copy):
+    m = model(pos_encoding=pos, norm_position=norm_position, n_kv_head=2, copy_attention=copy)
     src, tgt = torch.randint(3, V, (2, 7)), torch.randint(3, V, (2, 5))
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, 4:] = False
     full = m(src, tgt, mask)
     memory = m.project_memory(m.encode(src, mask))
     cache = m.new_cache(2, 5)
-    steps = torch.cat([m.decode(tgt[:, i:i + 1], memory, mask, cache=cache) for i in range(5)], dim=1)
+    steps = torch.cat([m.decode(tgt[:, i:i + 1], memory, mask, cache=cache, src=src) for i in range(5)], dim=1)
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)
+
+
+def copy_head64(head, h, logits, memory, src, keep):
+    """The pointer-generator's log P(y) in float64, one target position at a time."""
+    B, T, d = h.shape
+    V = logits.shape[-1]
+    out = torch.zeros(B, T, V, dtype=torch.float64)
+    k = linear64(memory, head.k_proj)
+    for b in range(B):
+        for t in range(T):
+            q = linear64(h[b, t:t + 1], head.q_proj)[0]
+            scores = (k[b] @ q) / math.sqrt(d) + torch.where(keep[b], 0.0, float("-inf")).double()
+            a = torch.softmax(scores, dim=0)
+            context = a @ memory[b].double()
+            p_gen = torch.sigmoid(linear64(torch.cat([h[b, t].double(), context])[None], head.gate)[0, 0])
+            p = p_gen * torch.softmax(logits[b, t].double(), dim=0)
+            for s in range(len(a)):
+                p[src[b, s]] += (1 - p_gen) * a[s]
+            out[b, t] = p.log()
+    return out
+
+
+def test_copy_head_matches_the_pointer_generator_formula():
+    torch.manual_seed(1)
+    head = CopyHead(16)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.5)
+    h, memory, logits = torch.randn(2, 4, 16), torch.randn(2, 6, 16), torch.randn(2, 4, 11) * 3
+    src = torch.tensor([[3, 5, 5, 9, 0, 0], [2, 2, 2, 7, 10, 4]])  # repeated tokens add up their shares
+    keep = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    expected = copy_head64(head, h, logits, memory, src, keep)
+    out = head(h, logits, head.project(memory), src, keep)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.exp().sum(-1), torch.ones(2, 4))  # a distribution at every position
+    assert torch.isfinite(out).all()
+
+
+def test_copy_model_loss_has_finite_gradients_and_copy_makes_source_tokens_likelier():
+    m = model(copy_attention=True)
+    m.train()
+    src, tgt = torch.randint(3, V, (3, 7)), torch.randint(3, V, (3, 5))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[2, 3:] = False
+    labels = torch.randint(3, V, (3, 5))
+    loss = sequence_loss(m(src, tgt, mask), labels, label_smoothing=0.1) / labels.numel()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+    assert m.copy_head.gate.weight.grad.abs().sum() > 0 and m.copy_head.q_proj.weight.grad.abs().sum() > 0
+    # with the gate forced shut, all probability sits on the (unpadded) source tokens
+    m.eval()
+    with torch.no_grad():
+        m.copy_head.gate.bias.fill_(-60.0)
+        m.copy_head.gate.weight.zero_()
+        p = m(src, tgt, mask).exp()
+    for b in range(3):
+        on_source = p[b][:, src[b][mask[b]].unique()].sum(-1)
+        torch.testing.assert_close(on_source, torch.ones(5))
+
+
+def test_copy_attention_is_refused_outside_seq2seq_and_by_marian_export():
+    with pytest.raises(LMForgeError, match="copy_attention applies to arch=seq2seq"):
+        ModelConfig(vocab_size=V, copy_attention=True)
+    from lmforge.interop.marian import Marian
+
+    assert not any("copy" in p for p in Marian().export_problems(config(norm_position="post")))
+    assert any("copy" in p for p in Marian().export_problems(config(copy_attention=True, norm_position="post")))
 
 
 def test_shared_separate_and_tied_embeddings():
@@ -244,14 +313,15 @@ def test_warm_start_from_a_language_model(tmp_path):
     torch.testing.assert_close(s2s.tok_emb.weight, lm.tok_emb.weight)
 
 
-def test_learns_to_reverse_short_sequences_exactly():
+@pytest.mark.parametrize("copy", [False, True])
+def test_learns_to_reverse_short_sequences_exactly(copy):
     """A tiny encoder-decoder learns to reverse sequences of 2-4 symbols; greedy decoding is then exact."""
     torch.manual_seed(0)
     rng = random.Random(0)
     ids = SpecialIds(eos=0, bos=2, sep=3, pad=1, prefix=[])
     fmt = TaskFormat("seq2seq", ids)
     m = Seq2SeqLM(ModelConfig(vocab_size=12, d_model=64, n_head=2, n_layer=2, n_encoder_layer=2, d_ff=128,
-                              arch="seq2seq", pos_encoding="sinusoidal", block_size=16))
+                              arch="seq2seq", pos_encoding="sinusoidal", block_size=16, copy_attention=copy))
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
 
     def sample(n):

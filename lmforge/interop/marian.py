@@ -109,6 +109,8 @@ class Marian(Architecture):
             problems.append(f"norm_eps={cfg.norm_eps} (Marian's LayerNorms use {_MARIAN_NORM_EPS})")
         if cfg.kv_heads != cfg.n_head:
             problems.append(f"n_kv_head={cfg.kv_heads} (Marian has no grouped key/value heads)")
+        if cfg.copy_attention:
+            problems.append("copy_attention=true (Marian has no copy head)")
         return problems
 
     def config_to_hf(self, cfg, tokens):

@@ -4,7 +4,8 @@ source ids -> embedding (+ positions) -> n_encoder_layer blocks of bidirectional
 (source padding masked) -> encoder norm = the memory.
 target ids -> embedding (+ positions) -> n_layer blocks of causal self-attention, cross-attention
 over the memory and feed-forward -> final norm -> output head (tied to the target embedding,
-plus a bias over the vocabulary with ``output_bias``).
+plus a bias over the vocabulary with ``output_bias``). With ``copy_attention`` the output is a
+pointer-generator (:class:`CopyHead`): the vocabulary distribution mixed with a copy of the source.
 
 Source and target share one token embedding by default (a joint vocabulary); positions are
 sinusoidal (in either ``sinusoidal_layout``), learned or rotary (rotary on self-attention only);
@@ -70,6 +71,52 @@ class CrossAttention(MultiHeadAttention):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
+class CopyHead(nn.Module):
+    """Pointer-generator output (See et al. 2017, "Get To The Point"): copy source tokens or generate.
+
+    One attention head of the decoder's final state h_t over the memory m_s (the encoder output):
+
+        a_t = softmax_s(q(h_t) . k(m_s) / sqrt(d))            (source padding masked)
+        c_t = sum_s a_ts m_s                                   (what the head reads)
+        p_gen = sigmoid(w . [h_t; c_t] + b)                    (generate or copy)
+        P(y) = p_gen softmax(logits)_y + (1 - p_gen) sum_{s: src_s = y} a_ts
+
+    The joint vocabulary holds every source token, so copying needs no extended vocabulary. A model
+    can then write a name or a number it has seen once straight from the source, and the copy
+    attention gets a direct learning signal from every target token that occurs in the source.
+    """
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.gate = nn.Linear(2 * d_model, 1)
+        self.scale = 1.0 / math.sqrt(d_model)
+
+    def project(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory [B, S, d] -> (keys, memory), computed once per source when decoding."""
+        return self.k_proj(memory), memory
+
+    def forward(self, h: torch.Tensor, logits: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor],
+                src: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
+        """h [B, T, d] (normed decoder states), logits [B, T, V] -> log P [B, T, V] (float32)."""
+        keys, mem = memory
+        scores = (self.q_proj(h) @ keys.transpose(1, 2)).float() * self.scale  # [B, T, S]
+        if src_mask is not None:
+            scores = scores.masked_fill(~src_mask.bool()[:, None, :], float("-inf"))
+        attn = scores.softmax(dim=-1)
+        gate = self.gate(torch.cat([h, attn.to(mem.dtype) @ mem], dim=-1)).float()  # [B, T, 1]
+        log_generate = F.logsigmoid(gate) + logits.float().log_softmax(dim=-1)
+        B, T, S = attn.shape
+        copy = attn.new_zeros(B, T, logits.size(-1)).scatter_add_(2, src[:, None, :].expand(B, T, S), attn)
+        # log of the copy share where a token has any; -inf elsewhere, written so that the
+        # gradient stays finite (log is never evaluated at 0)
+        has = copy > 0
+        log_copy = torch.where(has, torch.log(torch.where(has, copy, torch.ones_like(copy))) + F.logsigmoid(-gate),
+                               torch.full_like(copy, float("-inf")))
+        return torch.logaddexp(log_generate, log_copy)
+
+
 class Seq2SeqBlock(Block):
     """A :class:`Block` (pre-norm) that can also be post-norm: x = norm(x + sublayer(x)).
 
@@ -127,6 +174,7 @@ class Seq2SeqLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=cfg.output_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.copy_head = CopyHead(cfg.d_model) if cfg.copy_attention else None
         self.init_weights()
 
     # The decoder-only model's KV cache (one slot per decoder block) serves unchanged.
@@ -166,17 +214,23 @@ class Seq2SeqLM(nn.Module):
         return self.encoder_norm(x)
 
     def project_memory(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each decoder block's cross-attention keys and values, for :meth:`decode` to reuse at every step."""
-        return [block.cross_attn.project(memory) for block in self.blocks]
+        """Each decoder block's cross-attention keys and values (and, last, the copy head's keys and
+        the memory), for :meth:`decode` to reuse at every step."""
+        kv = [block.cross_attn.project(memory) for block in self.blocks]
+        return kv + [self.copy_head.project(memory)] if self.copy_head is not None else kv
 
     def decode(self, tgt: torch.Tensor, memory: torch.Tensor | list[tuple[torch.Tensor, torch.Tensor]],
                memory_mask: torch.Tensor | None = None, cache: KVCache | None = None,
-               last_only: bool = False) -> torch.Tensor:
+               last_only: bool = False, src: torch.Tensor | None = None) -> torch.Tensor:
         """tgt [B, T] -> float32 logits [B, T, vocab_size] ([B, 1, vocab_size] if last_only).
 
         memory: the encoder output, or :meth:`project_memory` of it. cache: from ``new_cache``;
-        the new target tokens continue at position cache.length.
+        the new target tokens continue at position cache.length. With ``copy_attention`` the
+        source ids ``src`` [B, S] are needed too, and the result is log-probabilities (a valid
+        input to softmax and cross-entropy like any logits).
         """
+        if self.copy_head is not None and src is None:
+            raise ValueError("a copy-attention model decodes with the source ids (src=...)")
         start = cache.length if cache is not None else 0
         x, rope = self._embed(tgt, self.tok_emb, self.pos_emb, start)
         for i, block in enumerate(self.blocks):
@@ -187,11 +241,16 @@ class Seq2SeqLM(nn.Module):
             cache.advance(tgt.size(1))
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm_f(x)).float()[..., : self.cfg.vocab_size]
+        h = self.norm_f(x)
+        logits = self.lm_head(h).float()[..., : self.cfg.vocab_size]
+        if self.copy_head is None:
+            return logits
+        copy_memory = self.copy_head.project(memory) if isinstance(memory, torch.Tensor) else memory[-1]
+        return self.copy_head(h, logits, copy_memory, src, memory_mask)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: logits [B, T, vocab_size] of the next target token at every target position."""
-        return self.decode(tgt, self.encode(src, src_mask), src_mask)
+        return self.decode(tgt, self.encode(src, src_mask), src_mask, src=src)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters (shared tensors counted once); ``exclude_embeddings`` leaves out the lookup tables."""

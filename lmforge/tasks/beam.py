@@ -55,20 +55,20 @@ class Seq2SeqState:
             src[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = True
         self.model, self.bos_id = model, bos_id
-        self.mask = mask.to(device)
-        self.memory = model.project_memory(model.encode(src.to(device), self.mask))
+        self.mask, self.src = mask.to(device), src.to(device)
+        self.memory = model.project_memory(model.encode(self.src, self.mask))
         self.cache = model.new_cache(len(sources), max_len)
 
     def first(self) -> torch.Tensor:
         bos = torch.full((self.mask.size(0), 1), self.bos_id, dtype=torch.long, device=self.mask.device)
-        return self.model.decode(bos, self.memory, self.mask, cache=self.cache)[:, -1]
+        return self.model.decode(bos, self.memory, self.mask, cache=self.cache, src=self.src)[:, -1]
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(tokens[:, None], self.memory, self.mask, cache=self.cache)[:, -1]
+        return self.model.decode(tokens[:, None], self.memory, self.mask, cache=self.cache, src=self.src)[:, -1]
 
     def select(self, rows: torch.Tensor) -> None:
         rows = rows.to(self.mask.device)
-        self.mask = self.mask.index_select(0, rows)
+        self.mask, self.src = self.mask.index_select(0, rows), self.src.index_select(0, rows)
         self.memory = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.memory]
         _select_cache(self.cache, rows)
 

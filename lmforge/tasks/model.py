@@ -163,7 +163,8 @@ def warm_start_config(saved: ModelConfig, wanted: ModelConfig) -> ModelConfig:
                            "use --model.arch=seq2seq or start from a language-model checkpoint")
     out = replace(saved, dropout=wanted.dropout, arch=wanted.arch)
     if saved.arch == "decoder" and wanted.arch == "seq2seq":
-        out = replace(out, n_encoder_layer=None, norm_position="pre", share_embeddings=True)
+        out = replace(out, n_encoder_layer=None, norm_position="pre", share_embeddings=True,
+                      copy_attention=wanted.copy_attention)
     return out
 
 
