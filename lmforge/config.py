@@ -86,7 +86,8 @@ class ModelConfig:
     copy_attention: bool = False
     #: encoder: number of token types (segments), each with a learned embedding (BERT: 2); 0 = none
     type_vocab_size: int = 0
-    #: encoder: normalise the summed embeddings before the first block (BERT)
+    #: encoder, seq2seq: normalise the summed embeddings before the first block (BERT; an encoder-decoder
+    #: started from a BERT-style encoder has one such norm per side)
     embed_norm: bool = False
     #: encoder: a dense + tanh layer over the first token's final state (BERT's pooler)
     pooler: bool = False
@@ -107,8 +108,10 @@ class ModelConfig:
                                "its source through self-attention); set model.arch=seq2seq or leave it false")
         if self.norm_position == "post" and self.arch == "decoder":
             raise LMForgeError("model.norm_position=post is built for arch=seq2seq and encoder only; use pre for a decoder")
-        if self.arch != "encoder" and (self.type_vocab_size or self.embed_norm or self.pooler):
-            raise LMForgeError("model.type_vocab_size, embed_norm and pooler apply to arch=encoder only; "
+        if self.embed_norm and self.arch == "decoder":
+            raise LMForgeError("model.embed_norm applies to arch=encoder and seq2seq only; leave it false for a decoder")
+        if self.arch != "encoder" and (self.type_vocab_size or self.pooler):
+            raise LMForgeError("model.type_vocab_size and pooler apply to arch=encoder only; "
                                "set model.arch=encoder or leave them at 0/false")
         if self.type_vocab_size < 0:
             raise LMForgeError(f"model.type_vocab_size must not be negative, got {self.type_vocab_size}")

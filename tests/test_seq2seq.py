@@ -134,7 +134,7 @@ def test_cached_step_decoding_equals_the_full_forward(pos, norm_position, copy):
     torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-4)
 
 
-def copy_head64(head, h, logits, memory, src, keep):
+def copy_head64(head, h, logits, memory, src, keep, prev):
     """The pointer-generator's log P(y) in float64, one target position at a time."""
     B, T, d = h.shape
     V = logits.shape[-1]
@@ -144,6 +144,10 @@ def copy_head64(head, h, logits, memory, src, keep):
         for t in range(T):
             q = linear64(h[b, t:t + 1], head.q_proj)[0]
             scores = (k[b] @ q) / math.sqrt(d) + torch.where(keep[b], 0.0, float("-inf")).double()
+            for s in range(len(scores)):
+                scores[s] += head.position_prior[min(s, 4)].item()
+                if s > 0 and src[b, s - 1] == prev[b, t]:
+                    scores[s] += head.follow.item()
             a = torch.softmax(scores, dim=0)
             context = a @ memory[b].double()
             p_gen = torch.sigmoid(linear64(torch.cat([h[b, t].double(), context])[None], head.gate)[0, 0])
@@ -156,15 +160,17 @@ def copy_head64(head, h, logits, memory, src, keep):
 
 def test_copy_head_matches_the_pointer_generator_formula():
     torch.manual_seed(1)
-    head = CopyHead(16)
+    head = CopyHead(16, 5)  # a position table shorter than the source: the last entry serves the rest
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(0, 0.5)
+        head.follow.fill_(1.7)
     h, memory, logits = torch.randn(2, 4, 16), torch.randn(2, 6, 16), torch.randn(2, 4, 11) * 3
     src = torch.tensor([[3, 5, 5, 9, 0, 0], [2, 2, 2, 7, 10, 4]])  # repeated tokens add up their shares
     keep = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
-    expected = copy_head64(head, h, logits, memory, src, keep)
-    out = head(h, logits, head.project(memory), src, keep)
+    prev = torch.tensor([[5, 1, 3, 0], [2, 7, 4, 10]])  # the token written last; 0 is padding in row 0
+    expected = copy_head64(head, h, logits, memory, src, keep, prev)
+    out = head(h, logits, head.project(memory), src, keep, prev)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out.exp().sum(-1), torch.ones(2, 4))  # a distribution at every position
     assert torch.isfinite(out).all()
@@ -338,3 +344,36 @@ def test_learns_to_reverse_short_sequences_exactly(copy):
     src, expected = sample(100)
     state = beam.Seq2SeqState(m, [fmt.source(s) for s in src], ids.bos, ids.pad, 8)
     assert beam.greedy_search(state, [8] * 100, ids.eos) == expected
+
+
+def test_encoder_decoder_started_from_a_bert_style_encoder_encodes_exactly_as_the_encoder():
+    from lmforge.model.encoder import EncoderModel
+    from lmforge.tasks.model import _from_encoder
+
+    torch.manual_seed(0)
+    enc_cfg = ModelConfig(vocab_size=V, d_model=32, n_head=4, n_layer=3, d_ff=64, arch="encoder", block_size=24,
+                          pos_encoding="learned", norm_position="post", bias=True, type_vocab_size=2,
+                          embed_norm=True, pooler=True, norm_eps=1e-12)
+    encoder = EncoderModel(enc_cfg).eval()
+    with torch.no_grad():  # norms and biases away from their defaults, a nonzero segment embedding
+        for name, p in encoder.named_parameters():
+            if "norm" in name or name.endswith("bias") or "type_emb" in name:
+                p.normal_(0, 0.3)
+    wanted = config(n_layer=2, copy_attention=True, dropout=0.1)
+    cfg = warm_start_config(enc_cfg, wanted)
+    assert (cfg.arch, cfg.n_encoder_layer, cfg.n_layer, cfg.copy_attention, cfg.type_vocab_size, cfg.pooler) == \
+        ("seq2seq", 3, 2, True, 0, False)
+    s2s = Seq2SeqLM(cfg).eval()
+    missing, unexpected = s2s.load_state_dict(_from_encoder(encoder.state_dict(), cfg.n_layer), strict=False)
+    assert not unexpected
+    assert {m.split(".")[0] for m in missing} == {"blocks", "copy_head"}  # cross-attention and the copy head
+    assert all(".cross_" in m for m in missing if m.startswith("blocks."))
+    src = torch.randint(0, V, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    expected = encoder(src, attention_mask=mask)  # token types 0
+    torch.testing.assert_close(s2s.encode(src, mask)[mask], expected[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s2s.blocks[1].attn.v_proj.weight, encoder.encoder.blocks[1].attn.v_proj.weight)
+    torch.testing.assert_close(s2s.embed_norm.weight, encoder.embed_norm.weight)
+    with pytest.raises(LMForgeError, match="encoder checkpoint cannot start a decoder-only"):
+        warm_start_config(enc_cfg, ModelConfig(vocab_size=V))

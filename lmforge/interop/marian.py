@@ -111,6 +111,8 @@ class Marian(Architecture):
             problems.append(f"n_kv_head={cfg.kv_heads} (Marian has no grouped key/value heads)")
         if cfg.copy_attention:
             problems.append("copy_attention=true (Marian has no copy head)")
+        if cfg.embed_norm:
+            problems.append("embed_norm=true (Marian has no embedding norm)")
         return problems
 
     def config_to_hf(self, cfg, tokens):

@@ -76,21 +76,30 @@ class CopyHead(nn.Module):
 
     One attention head of the decoder's final state h_t over the memory m_s (the encoder output):
 
-        a_t = softmax_s(q(h_t) . k(m_s) / sqrt(d))            (source padding masked)
+        a_t = softmax_s(q(h_t) . k(m_s) / sqrt(d) + beta [src_{s-1} = y_{t-1}] + pi_s)   (padding masked)
         c_t = sum_s a_ts m_s                                   (what the head reads)
         p_gen = sigmoid(w . [h_t; c_t] + b)                    (generate or copy)
         P(y) = p_gen softmax(logits)_y + (1 - p_gen) sum_{s: src_s = y} a_ts
 
-    The joint vocabulary holds every source token, so copying needs no extended vocabulary. A model
-    can then write a name or a number it has seen once straight from the source, and the copy
-    attention gets a direct learning signal from every target token that occurs in the source.
+    y_{t-1} is the decoder's input at step t (the token it wrote last). The learned scalar beta
+    (starting at 0) favours the source position right after an occurrence of that token: once a
+    model has copied the first piece of a word or a name, the next piece is where to continue. A
+    Transformer can learn this on its own from much data; one shared weight learns it from a few
+    hundred examples. pi (one learned number per source position, starting at 0; positions past
+    the table share its last entry) is a prior over where copies come from: news puts the facts
+    of a headline in its first sentence. The joint vocabulary holds every source token, so copying needs no extended
+    vocabulary. A model can then write a name or a number it has seen once straight from the
+    source, and the copy attention gets a direct learning signal from every target token that
+    occurs in the source.
     """
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, max_source: int):
         super().__init__()
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.gate = nn.Linear(2 * d_model, 1)
+        self.follow = nn.Parameter(torch.zeros(()))  # beta
+        self.position_prior = nn.Parameter(torch.zeros(max_source))  # pi
         self.scale = 1.0 / math.sqrt(d_model)
 
     def project(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,10 +107,15 @@ class CopyHead(nn.Module):
         return self.k_proj(memory), memory
 
     def forward(self, h: torch.Tensor, logits: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor],
-                src: torch.Tensor, src_mask: torch.Tensor | None) -> torch.Tensor:
-        """h [B, T, d] (normed decoder states), logits [B, T, V] -> log P [B, T, V] (float32)."""
+                src: torch.Tensor, src_mask: torch.Tensor | None, prev: torch.Tensor) -> torch.Tensor:
+        """h [B, T, d] (normed decoder states), logits [B, T, V], prev [B, T] (the decoder's input
+        ids) -> log P [B, T, V] (float32)."""
         keys, mem = memory
         scores = (self.q_proj(h) @ keys.transpose(1, 2)).float() * self.scale  # [B, T, S]
+        after = torch.zeros_like(scores, dtype=torch.bool)  # [b, t, s]: src[b, s - 1] == prev[b, t]
+        after[:, :, 1:] = src[:, None, :-1] == prev[:, :, None]
+        positions = torch.arange(scores.size(-1), device=scores.device).clamp(max=self.position_prior.numel() - 1)
+        scores = scores + self.follow.float() * after + self.position_prior.float()[positions]
         if src_mask is not None:
             scores = scores.masked_fill(~src_mask.bool()[:, None, :], float("-inf"))
         attn = scores.softmax(dim=-1)
@@ -164,6 +178,9 @@ class Seq2SeqLM(nn.Module):
         # As in the paper (section 3.4) sinusoidally-positioned embeddings are multiplied by
         # sqrt(d_model), so that the unit-amplitude positions do not drown the tokens (init_weights).
         self.emb_scale = math.sqrt(cfg.d_model) if cfg.pos_encoding == "sinusoidal" else 1.0
+        # embed_norm: a norm over the summed embeddings of each side (an encoder-decoder started from BERT)
+        self.src_embed_norm = make_norm(cfg) if cfg.embed_norm else None
+        self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder_blocks = nn.ModuleList(Seq2SeqBlock(cfg) for _ in range(self.n_encoder_layer))
         self.blocks = nn.ModuleList(Seq2SeqBlock(cfg, cross_attention=True) for _ in range(cfg.n_layer))
@@ -174,7 +191,7 @@ class Seq2SeqLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=cfg.output_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.copy_head = CopyHead(cfg.d_model) if cfg.copy_attention else None
+        self.copy_head = CopyHead(cfg.d_model, cfg.block_size) if cfg.copy_attention else None
         self.init_weights()
 
     # The decoder-only model's KV cache (one slot per decoder block) serves unchanged.
@@ -193,7 +210,8 @@ class Seq2SeqLM(nn.Module):
                 if table is not None:
                     nn.init.normal_(table.weight, mean=0.0, std=self.cfg.d_model ** -0.5)
 
-    def _embed(self, ids: torch.Tensor, table: nn.Embedding, pos: nn.Module | None, start: int):
+    def _embed(self, ids: torch.Tensor, table: nn.Embedding, pos: nn.Module | None, norm: nn.Module | None,
+               start: int):
         T = ids.size(1)
         if self.rotary is None and start + T > self.cfg.block_size:
             raise LMForgeError(
@@ -204,11 +222,13 @@ class Seq2SeqLM(nn.Module):
         x = table(ids) * self.emb_scale if self.emb_scale != 1.0 else table(ids)
         if pos is not None:
             x = pos(x, positions)
+        if norm is not None:
+            x = norm(x)
         return self.drop(x), (self.rotary(positions) if self.rotary is not None else None)
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """src [B, S] (right-padded), src_mask bool [B, S] (True = real token) -> memory [B, S, d]."""
-        x, rope = self._embed(src, self.src_emb or self.tok_emb, self.src_pos_emb, 0)
+        x, rope = self._embed(src, self.src_emb or self.tok_emb, self.src_pos_emb, self.src_embed_norm, 0)
         for block in self.encoder_blocks:
             x = block(x, causal=False, key_padding_mask=src_mask, rope=rope)
         return self.encoder_norm(x)
@@ -232,7 +252,7 @@ class Seq2SeqLM(nn.Module):
         if self.copy_head is not None and src is None:
             raise ValueError("a copy-attention model decodes with the source ids (src=...)")
         start = cache.length if cache is not None else 0
-        x, rope = self._embed(tgt, self.tok_emb, self.pos_emb, start)
+        x, rope = self._embed(tgt, self.tok_emb, self.pos_emb, self.embed_norm, start)
         for i, block in enumerate(self.blocks):
             mem = memory if isinstance(memory, torch.Tensor) else memory[i]
             x = block(x, causal=True, rope=rope, cache=cache.layer(i) if cache is not None else None,
@@ -246,7 +266,8 @@ class Seq2SeqLM(nn.Module):
         if self.copy_head is None:
             return logits
         copy_memory = self.copy_head.project(memory) if isinstance(memory, torch.Tensor) else memory[-1]
-        return self.copy_head(h, logits, copy_memory, src, memory_mask)
+        prev = tgt[:, -1:] if last_only else tgt
+        return self.copy_head(h, logits, copy_memory, src, memory_mask, prev)
 
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing: logits [B, T, vocab_size] of the next target token at every target position."""

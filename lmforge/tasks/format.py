@@ -13,8 +13,10 @@ ignore index), then prompted with ``[prefix] source <sep>`` to generate.
 ``<eos>`` is the tokenizer's end-of-text token (its first special token); ``<s>``, ``<sep>`` and
 ``<pad>`` are used when the tokenizer has them and fall back to ``<eos>`` otherwise (a language
 model's tokenizer usually has only end-of-text), which is unambiguous because targets are read
-after a fixed start and padding is always masked. ``task.decoder_start`` names another start token
-(an imported Marian model's decoder starts from ``<pad>``).
+after a fixed start and padding is always masked. A BERT-style tokenizer (``[CLS]``, ``[SEP]``,
+``[PAD]``; an imported encoder's) uses those: ``[CLS]`` starts, ``[SEP]`` ends and separates.
+``task.decoder_start`` names another start token (an imported Marian model's decoder starts from
+``<pad>``).
 """
 
 from __future__ import annotations
@@ -55,19 +57,23 @@ class SpecialIds:
             raise LMForgeError("the tokenizer has no special tokens, so no end-of-sequence token; "
                                "train one with data.special_tokens (the first marks the end)")
         eos = tokenizer.eot_id
+        names = {"bos": BOS, "sep": SEP, "pad": PAD}
+        if all(t in tokenizer.special_tokens for t in ("[CLS]", "[SEP]", "[PAD]")) and BOS not in tokenizer.special_tokens:
+            eos = tokenizer.token_to_id("[SEP]")
+            names = {"bos": "[CLS]", "sep": "[SEP]", "pad": "[PAD]"}
 
         def get(token: str) -> int:
             i = tokenizer.token_to_id(token)
             return eos if i is None or token not in tokenizer.special_tokens else i
 
-        bos = get(BOS)
+        bos = get(names["bos"])
         if decoder_start:
             bos = tokenizer.token_to_id(decoder_start)
             if bos is None:
                 raise LMForgeError(f"task.decoder_start={decoder_start!r} is not a token of the tokenizer; "
                                    "name one of its tokens (e.g. <pad>) or leave it empty")
         prefix = tokenizer.encode(source_prefix) if source_prefix else []
-        return cls(eos=eos, bos=bos, sep=get(SEP), pad=get(PAD), prefix=prefix)
+        return cls(eos=eos, bos=bos, sep=get(names["sep"]), pad=get(names["pad"]), prefix=prefix)
 
 
 class TaskFormat:

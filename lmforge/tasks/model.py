@@ -156,11 +156,19 @@ def load_task_model(path: str | Path, expect: str | None = None, device: str = "
 
 def warm_start_config(saved: ModelConfig, wanted: ModelConfig) -> ModelConfig:
     """The model settings for starting ``wanted.arch`` from a checkpoint with ``saved`` settings:
-    the checkpoint's shape, with the recipe's dropout (and, from a language model, an encoder as
-    deep as its decoder, pre-norm, one shared embedding)."""
+    the checkpoint's shape, with the recipe's dropout and copy head; from a language model, an
+    encoder as deep as its decoder, pre-norm, one shared embedding; from a BERT-style encoder, its
+    blocks as the encoder and the recipe's ``n_layer`` decoder blocks of the same shape."""
     if saved.arch == "seq2seq" and wanted.arch == "decoder":
         raise LMForgeError("an encoder-decoder checkpoint cannot start a decoder-only model; "
                            "use --model.arch=seq2seq or start from a language-model checkpoint")
+    if saved.arch == "encoder" and wanted.arch != "seq2seq":
+        raise LMForgeError("an encoder checkpoint cannot start a decoder-only model; use --model.arch=seq2seq "
+                           "(the encoder-decoder) or start from a language-model checkpoint")
+    if saved.arch == "encoder":
+        return replace(saved, dropout=wanted.dropout, arch="seq2seq", n_encoder_layer=saved.n_layer,
+                       n_layer=min(wanted.n_layer, saved.n_layer), share_embeddings=True, type_vocab_size=0,
+                       pooler=False, copy_attention=wanted.copy_attention)
     out = replace(saved, dropout=wanted.dropout, arch=wanted.arch)
     if saved.arch == "decoder" and wanted.arch == "seq2seq":
         out = replace(out, n_encoder_layer=None, norm_position="pre", share_embeddings=True,
@@ -173,11 +181,38 @@ _FROM_DECODER = {"encoder_blocks.": "blocks.", "src_pos_emb.": "pos_emb.", "enco
                  "src_emb.": "tok_emb."}
 
 
+def _from_encoder(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+    """An encoder's weights under encoder-decoder names: its blocks become the encoder, its first
+    ``n_layer`` blocks the decoder's self-attention and feed-forward (cross-attention starts fresh),
+    its token embedding both sides' (and the tied output layer), its embedding norm both sides';
+    the segment-0 embedding, added to every token of a one-segment input, is folded into both
+    sides' learned positions."""
+    out: dict[str, torch.Tensor] = {}
+    positions = state.get("pos_emb.weight")
+    if positions is not None and "type_emb.weight" in state:
+        positions = positions + state["type_emb.weight"][0]
+    for name, tensor in state.items():
+        if name.startswith("encoder.blocks."):
+            out["encoder_" + name.removeprefix("encoder.")] = tensor
+            i, rest = name.removeprefix("encoder.blocks.").split(".", 1)
+            if int(i) < n_layer:
+                out[f"blocks.{i}.{rest}"] = tensor
+        elif name.startswith("embed_norm."):
+            out["src_" + name] = out[name] = tensor
+        elif name.startswith("encoder.norm_f."):
+            out["encoder_norm." + name.removeprefix("encoder.norm_f.")] = tensor
+    if positions is not None:
+        out["src_pos_emb.weight"] = out["pos_emb.weight"] = positions
+    if "tok_emb.weight" in state:  # the output layer is tied to it
+        out["tok_emb.weight"] = out["lm_head.weight"] = state["tok_emb.weight"]
+    return out
+
+
 def warm_start(model: nn.Module, ckpt: Path) -> str:
     """Copy a checkpoint's weights into ``model``. From a decoder-only language model into an
     encoder-decoder, the decoder takes the language model's blocks and both encoder and decoder its
     embedding; encoder blocks take the same blocks (now attending both ways); cross-attention starts
-    fresh. Returns a one-line account."""
+    fresh. From a BERT-style encoder, see :func:`_from_encoder`. Returns a one-line account."""
     from safetensors.torch import load_file
 
     from lmforge.train import checkpoint as ckpt_io
@@ -189,11 +224,15 @@ def warm_start(model: nn.Module, ckpt: Path) -> str:
     state = load_file(ckpt_io.require_file(ckpt, ckpt_io.WEIGHTS, "the checkpoint is incomplete; use another one"))
     if "lm_head.weight" not in state and "tok_emb.weight" in state:
         state["lm_head.weight"] = state["tok_emb.weight"]  # a tied head is stored once
+    if saved_arch == "encoder":
+        state, what, prefixes = _from_encoder(state, model.cfg.n_layer), "encoder", {}
+    else:
+        what, prefixes = "language model", _FROM_DECODER
     own = model.state_dict()
     copied, fresh = {}, []
     for name, tensor in own.items():
         source = name
-        for prefix, lm_prefix in _FROM_DECODER.items():
+        for prefix, lm_prefix in prefixes.items():
             if name.startswith(prefix):
                 source = lm_prefix + name[len(prefix):]
         if source in state and tuple(state[source].shape) == tuple(tensor.shape):
@@ -201,5 +240,5 @@ def warm_start(model: nn.Module, ckpt: Path) -> str:
         else:
             fresh.append(name)
     model.load_state_dict(copied, strict=False)
-    return (f"{len(copied)} tensors from the language model {ckpt}; {len(fresh)} start fresh "
+    return (f"{len(copied)} tensors from the {what} {ckpt}; {len(fresh)} start fresh "
             f"({', '.join(sorted({n.split('.')[2] if n.startswith('blocks.') else n.split('.')[0] for n in fresh}))})")
