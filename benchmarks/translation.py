@@ -54,12 +54,17 @@ def seconds_per_step(cfg, steps: int = 8) -> float:
     from lmforge.tasks.trainer import TaskData, accumulate_task_gradients, resolve_tokenizer
     from lmforge.train.optim import build_optimizer
 
-    tokenizer = resolve_tokenizer(cfg, None, print)
+    from lmforge.tasks.model import warm_start_config
+    from lmforge.train import checkpoint as ckpt_io
+
+    start = ckpt_io.latest_checkpoint(cfg.train.init_from) if cfg.train.init_from else None
+    tokenizer = resolve_tokenizer(cfg, start, print)
     cfg.model.vocab_size = tokenizer.vocab_size
-    fmt = TaskFormat(cfg.model.arch, SpecialIds.from_tokenizer(tokenizer, cfg.task.source_prefix))
+    mcfg = warm_start_config(ckpt_io.read_config(start).model, cfg.model) if start else cfg.model
+    fmt = TaskFormat(mcfg.arch, SpecialIds.from_tokenizer(tokenizer, cfg.task.source_prefix))
     data = TaskData.load(cfg.task.train_file, tokenizer, fmt, cfg)
     batcher = TokenBatcher(data.lengths, cfg.task.batch_tokens, seed=cfg.train.seed)
-    model = build_model(cfg.model)
+    model = build_model(mcfg)
     optimizer = build_optimizer(model, cfg.train, "cpu")
     times = []
     for _ in range(steps + 1):

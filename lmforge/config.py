@@ -273,6 +273,9 @@ class TrainConfig:
     tensorboard: bool = True
     #: start from the weights of this checkpoint directory (fresh optimizer)
     init_from: str | None = None
+    #: with init_from (task fine-tuning), the parameters the checkpoint does not fill (e.g. an encoder-decoder's
+    #: cross-attention and copy head started from an encoder) learn at this many times the schedule's rate (AdamW)
+    fresh_lr_scale: float = 1.0
     #: show the progress bar
     progress: bool = True
     #: data parallelism under torchrun: auto (ddp when a full replica fits a GPU, else fsdp), ddp, or fsdp (FSDP2, sharded per block); one process ignores it

@@ -10,7 +10,7 @@ from torch import nn
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import LMForgeError
 from lmforge.model import DecoderLM
-from lmforge.train.optim import (NS_COEFFICIENTS, Muon, build_optimizer, lr_at, muon_params, orthogonalize,
+from lmforge.train.optim import (NS_COEFFICIENTS, Muon, build_optimizer, lr_at, muon_params, orthogonalize, set_lr,
                                  param_groups)
 
 
@@ -70,6 +70,26 @@ def test_adamw_decays_only_the_decay_group():
     for n, p in model.named_parameters():
         want = before[n] * (1 - lr * 0.5) if n in decay else before[n]
         torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=0)
+
+
+def test_fresh_parameters_learn_at_their_scaled_rate():
+    """Only the named parameters move lr_scale times as far: AdamW's first step is lr * sign(grad)."""
+    model = tiny_model(bias=True)
+    tcfg = TrainConfig(lr=0.01, weight_decay=0.0, warmup_steps=0, max_steps=10, fresh_lr_scale=10.0)
+    fresh = {n for n, _ in model.named_parameters() if n.startswith("blocks.0.")}
+    opt = build_optimizer(model, tcfg, "cpu", fresh)
+    assert len(opt.param_groups) == 4
+    assert len(build_optimizer(model, TrainConfig(), "cpu", fresh).param_groups) == 2  # scale 1: no split
+    set_lr(opt, 0.01)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        step = (before[n] - p.detach()).abs()
+        torch.testing.assert_close(step, torch.full_like(step, 0.1 if n in fresh else 0.01), rtol=1e-3, atol=1e-6)
+    with pytest.raises(LMForgeError, match="fresh_lr_scale works with train.optimizer=adamw"):
+        build_optimizer(model, TrainConfig(optimizer="muon", fresh_lr_scale=10.0), "cpu", fresh)
 
 
 def reference_lr(step, lr, min_lr, warmup, decay_steps):

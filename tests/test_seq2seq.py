@@ -246,6 +246,16 @@ def test_decoder_start_token_is_named_by_the_task():
         SpecialIds.from_tokenizer(tok, decoder_start="<s>")
 
 
+def test_a_bert_tokenizer_frames_with_cls_and_sep():
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["abc"], kind="char", special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                          byte_fallback=False)
+    ids = SpecialIds.from_tokenizer(tok, source_prefix="[CLS]")
+    assert (ids.eos, ids.bos, ids.sep, ids.pad, ids.prefix) == (3, 2, 3, 0, [2])
+    assert TaskFormat("seq2seq", ids).source([7, 8]) == [2, 7, 8, 3]  # [CLS] a b [SEP]
+
+
 def test_label_smoothed_loss_is_normalised_by_target_tokens():
     logits = torch.randn(2, 4, V)
     labels = torch.randint(0, V, (2, 4))
@@ -310,8 +320,9 @@ def test_warm_start_from_a_language_model(tmp_path):
     cfg = warm_start_config(lm_cfg, config(dropout=0.1))
     assert cfg.arch == "seq2seq" and cfg.n_layer == 2 and cfg.pos_encoding == "learned" and cfg.dropout == 0.1
     s2s = Seq2SeqLM(cfg)
-    message = warm_start(s2s, ckpt)
+    message, fresh = warm_start(s2s, ckpt)
     assert "cross_attn" in message
+    assert fresh and all(".cross_" in n for n in fresh)
     for i in range(2):
         torch.testing.assert_close(s2s.blocks[i].attn.q_proj.weight, lm.blocks[i].attn.q_proj.weight)
         torch.testing.assert_close(s2s.encoder_blocks[i].ffn.up_proj.weight, lm.blocks[i].ffn.up_proj.weight)

@@ -229,6 +229,28 @@ def test_resume_continues_exactly(runs, tmp_path):
         torch.testing.assert_close(resumed[name], once[name], rtol=0, atol=0)
 
 
+def test_warm_started_copy_model_with_faster_fresh_parameters_resumes_exactly(runs, tmp_path):
+    """An encoder-decoder with a copy head from the language model, its fresh parameters (cross-attention,
+    copy head) at 5x the rate: 3 + 3 steps with --resume end with the weights of 6 steps in one go."""
+    from safetensors.torch import load_file
+
+    root, _ = runs
+    args = ["finetune", "translation", "--train", root / "train.tsv", "--init-from", root / "lm", *TINY[5:],
+            "--task.valid_file=null", "--train.ckpt_interval=3", "--model.copy_attention=true",
+            "--train.fresh_lr_scale=5"]
+    once = lmforge(*args, "--train.out_dir=once", cwd=tmp_path)
+    assert once.returncode == 0, once.stderr
+    assert "start fresh" in once.stderr and "copy_head" in once.stderr
+    assert lmforge(*args, "--train.out_dir=r", "--train.max_steps=3", cwd=tmp_path).returncode == 0
+    proc = lmforge(*args, "--train.out_dir=r", "--resume", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    resumed = load_file(tmp_path / "r" / "checkpoints" / "step_000006" / "model.safetensors")
+    whole = load_file(tmp_path / "once" / "checkpoints" / "step_000006" / "model.safetensors")
+    assert "copy_head.follow" in whole
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=0)
+
+
 def test_wrong_kind_of_checkpoint_and_bad_data_are_one_line_errors(runs):
     root, _ = runs
     assert_clear_error(lmforge("summarize", "mt", "valid.tsv", cwd=root), "is a translation checkpoint")

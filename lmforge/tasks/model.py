@@ -208,29 +208,25 @@ def _from_encoder(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, tor
     return out
 
 
-def warm_start(model: nn.Module, ckpt: Path) -> str:
-    """Copy a checkpoint's weights into ``model``. From a decoder-only language model into an
-    encoder-decoder, the decoder takes the language model's blocks and both encoder and decoder its
-    embedding; encoder blocks take the same blocks (now attending both ways); cross-attention starts
-    fresh. From a BERT-style encoder, see :func:`_from_encoder`. Returns a one-line account."""
+def warm_start_state(model: nn.Module, ckpt: Path) -> tuple[dict[str, torch.Tensor], list[str], str]:
+    """What :func:`warm_start` copies: (tensors by the model's names, names that start fresh, and
+    what the checkpoint is: "model", "language model" or "encoder")."""
     from safetensors.torch import load_file
 
     from lmforge.train import checkpoint as ckpt_io
 
     saved_arch = ckpt_io.read_config(ckpt).model.arch
-    if saved_arch == getattr(model.cfg, "arch", "decoder"):
-        ckpt_io.load_weights(model, ckpt)
-        return f"all weights from {ckpt}"
     state = load_file(ckpt_io.require_file(ckpt, ckpt_io.WEIGHTS, "the checkpoint is incomplete; use another one"))
+    if saved_arch == getattr(model.cfg, "arch", "decoder"):
+        return state, [], "model"
     if "lm_head.weight" not in state and "tok_emb.weight" in state:
         state["lm_head.weight"] = state["tok_emb.weight"]  # a tied head is stored once
     if saved_arch == "encoder":
         state, what, prefixes = _from_encoder(state, model.cfg.n_layer), "encoder", {}
     else:
         what, prefixes = "language model", _FROM_DECODER
-    own = model.state_dict()
     copied, fresh = {}, []
-    for name, tensor in own.items():
+    for name, tensor in model.state_dict().items():
         source = name
         for prefix, lm_prefix in prefixes.items():
             if name.startswith(prefix):
@@ -239,6 +235,22 @@ def warm_start(model: nn.Module, ckpt: Path) -> str:
             copied[name] = state[source]
         else:
             fresh.append(name)
+    return copied, fresh, what
+
+
+def warm_start(model: nn.Module, ckpt: Path) -> tuple[str, list[str]]:
+    """Copy a checkpoint's weights into ``model``. From a decoder-only language model into an
+    encoder-decoder, the decoder takes the language model's blocks and both encoder and decoder its
+    embedding; encoder blocks take the same blocks (now attending both ways); cross-attention starts
+    fresh. From a BERT-style encoder, see :func:`_from_encoder`. Returns a one-line account and the
+    names of the parameters that start fresh."""
+    from lmforge.train import checkpoint as ckpt_io
+
+    copied, fresh, what = warm_start_state(model, ckpt)
+    if what == "model":
+        ckpt_io.load_weights(model, ckpt)
+        return f"all weights from {ckpt}", []
     model.load_state_dict(copied, strict=False)
     return (f"{len(copied)} tensors from the {what} {ckpt}; {len(fresh)} start fresh "
-            f"({', '.join(sorted({n.split('.')[2] if n.startswith('blocks.') else n.split('.')[0] for n in fresh}))})")
+            f"({', '.join(sorted({n.split('.')[2] if n.startswith('blocks.') else n.split('.')[0] for n in fresh}))})",
+            fresh)

@@ -37,7 +37,7 @@ from lmforge.tasks import metrics as task_metrics
 from lmforge.tasks.data import LengthReport, ReadReport, TokenBatcher, limit_lengths, read_examples, sorted_batches
 from lmforge.tasks.format import Batch, SpecialIds, TaskFormat, sequence_loss, task_special_tokens
 from lmforge.tasks.model import (SEQ2SEQ_TASKS, Decoding, TaskModel, build_model, decode_ids, warm_start,
-                                 warm_start_config)
+                                 warm_start_config, warm_start_state)
 from lmforge.train import checkpoint as ckpt_io
 from lmforge.train.loop import MetricsLog, autocast, resolve_device, resolve_dtype
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
@@ -322,12 +322,16 @@ def finetune(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     _seed_everything(tcfg.seed)
     model = build_model(mcfg)
+    fresh: list[str] = []
     if resume_from:
         ckpt_io.load_weights(model, resume_from)
+        if tcfg.init_from and tcfg.fresh_lr_scale != 1.0:  # the same parameter groups as the run had
+            fresh = warm_start_state(model, ckpt_io.latest_checkpoint(tcfg.init_from))[1]
     elif init_from:
-        say(f"init: {warm_start(model, init_from)}")
+        account, fresh = warm_start(model, init_from)
+        say(f"init: {account}")
     model.to(device)
-    optimizer = build_optimizer(model, tcfg, device)
+    optimizer = build_optimizer(model, tcfg, device, set(fresh))
     grad_scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     start_step, elapsed_before = 0, 0.0
     if state is not None:

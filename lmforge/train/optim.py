@@ -27,8 +27,11 @@ from lmforge.config import TrainConfig
 from lmforge.errors import LMForgeError
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW parameter groups: decay on ``nn.Linear`` weights, none on everything else.
+def param_groups(model: nn.Module, weight_decay: float, fresh: set[str] | None = None,
+                 fresh_lr_scale: float = 1.0) -> list[dict]:
+    """Two AdamW parameter groups: decay on ``nn.Linear`` weights, none on everything else; and, when
+    ``fresh`` names parameters and ``fresh_lr_scale`` is not 1, the same two groups again for those
+    parameters, with ``lr_scale`` = ``fresh_lr_scale``.
 
     Parameters are sorted by the type of module that owns them, not by name or
     shape, so a new layer type cannot slip into the decayed group by accident.
@@ -42,25 +45,38 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         id(m.weight) for m in model.modules()
         if isinstance(m, nn.Linear) and id(m.weight) not in embedding_params
     }
-    decay, no_decay = [], []
+    fresh_ids = {id(p) for n, p in model.named_parameters() if n in fresh} if fresh and fresh_lr_scale != 1.0 else set()
+    decay, no_decay, fresh_decay, fresh_no_decay = [], [], [], []
     for p in model.parameters():  # unique parameters, in registration order (deterministic)
         if not p.requires_grad:
             continue
-        (decay if id(p) in decay_ids else no_decay).append(p)
-    return [
+        if id(p) in fresh_ids:
+            (fresh_decay if id(p) in decay_ids else fresh_no_decay).append(p)
+        else:
+            (decay if id(p) in decay_ids else no_decay).append(p)
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if fresh_ids:
+        groups += [{"params": fresh_decay, "weight_decay": weight_decay, "lr_scale": fresh_lr_scale},
+                   {"params": fresh_no_decay, "weight_decay": 0.0, "lr_scale": fresh_lr_scale}]
+    return groups
 
 
-def build_optimizer(model: nn.Module, tcfg: TrainConfig, device: torch.device | str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, tcfg: TrainConfig, device: torch.device | str,
+                    fresh: set[str] | None = None) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups` (the fused CUDA kernel on a GPU), or :class:`Muon` when
-    ``tcfg.optimizer`` is ``muon``."""
+    ``tcfg.optimizer`` is ``muon``. ``fresh``: names of parameters that learn at
+    ``tcfg.fresh_lr_scale`` times the rate (those a warm start did not fill)."""
     if tcfg.optimizer == "muon":
+        if fresh and tcfg.fresh_lr_scale != 1.0:
+            raise LMForgeError("train.fresh_lr_scale works with train.optimizer=adamw only; "
+                               "set the optimizer to adamw or leave fresh_lr_scale at 1")
         return build_muon(model, tcfg)
     fused = torch.device(device).type == "cuda"
     return torch.optim.AdamW(
-        param_groups(model, tcfg.weight_decay),
+        param_groups(model, tcfg.weight_decay, fresh, tcfg.fresh_lr_scale),
         lr=lr_at(0, tcfg),
         betas=(tcfg.beta1, tcfg.beta2),
         fused=fused,
