@@ -130,6 +130,9 @@ def test_metrics_equal_the_libraries_numbers():
     assert metrics.bleu(REFS, REFS) == pytest.approx(100.0)
     assert metrics.score(["bleu", "rougeL"], HYPS, REFS).keys() == {"bleu", "rouge1", "rouge2", "rougeL"}
     assert metrics.lead_words("One two  three\nfour five", 4) == "One two three four"
+    assert metrics.lead_sentence(" Mr. Smith  won. He left! Then") == "Mr."  # a plain rule, abbreviations included
+    assert metrics.lead_sentence("Rates rise\nThe Fed said so. More") == "Rates rise"  # a line break ends it
+    assert metrics.lead_sentence("No full stop at all") == "No full stop at all"
     with pytest.raises(LMForgeError, match="2 hypotheses but 1 references"):
         metrics.bleu(HYPS[:2], REFS[:1])
 
@@ -297,3 +300,7 @@ def test_reads_the_bbc_articles_and_scores_the_lead_baseline():
     assert report.kept == 206 and not report.skipped
     scores = lead_baseline([d for d, _ in pairs], [s for _, s in pairs], 8)
     assert 5 < scores["rouge1"] < 60
+    from lmforge.tasks.metrics import lead_sentence, rouge
+
+    sentence = lead_baseline([d for d, _ in pairs], [s for _, s in pairs], None)
+    assert sentence == rouge([lead_sentence(d) for d, _ in pairs], [s for _, s in pairs])

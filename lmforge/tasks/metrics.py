@@ -8,6 +8,8 @@ All scores are on a 0-100 scale.
 
 from __future__ import annotations
 
+import re
+
 from typing import Sequence
 
 from lmforge.errors import LMForgeError
@@ -73,6 +75,13 @@ def score(names: Sequence[str], hypotheses: Sequence[str], references: Sequence[
     if any(n.startswith("rouge") for n in names):
         out.update(rouge(hypotheses, references))
     return out
+
+
+def lead_sentence(document: str) -> str:
+    """The first sentence of a document (up to the first . ! or ? followed by white space, or the
+    first line break): the other lead baseline of headline generation."""
+    first_line = document.strip().split("\n", 1)[0]
+    return " ".join(re.split(r"(?<=[.!?])\s+", first_line, maxsplit=1)[0].split())
 
 
 def lead_words(document: str, n_words: int) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lmforge.tasks.metrics import lead_words, rouge
+from lmforge.tasks.metrics import lead_sentence, lead_words, rouge
 from lmforge.tasks.model import Decoding, TaskModel, load_task_model
 
 NAME = "summarization"
@@ -25,9 +25,11 @@ def summarize(task_model: TaskModel, documents: Sequence[str], decoding: Decodin
     return task_model.generate(documents, decoding, batch_size)
 
 
-def lead_baseline(documents: Sequence[str], references: Sequence[str], n_words: int) -> dict[str, float]:
-    """ROUGE of the first ``n_words`` words of each document against the reference summaries."""
-    return rouge([lead_words(d, n_words) for d in documents], references)
+def lead_baseline(documents: Sequence[str], references: Sequence[str], n_words: int | None) -> dict[str, float]:
+    """ROUGE of the first ``n_words`` words of each document (its first sentence when ``n_words`` is
+    None) against the reference summaries."""
+    leads = [lead_sentence(d) if n_words is None else lead_words(d, n_words) for d in documents]
+    return rouge(leads, references)
 
 
 def load(path: str, device: str = "cpu") -> TaskModel:
