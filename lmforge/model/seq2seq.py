@@ -87,10 +87,10 @@ class CopyHead(nn.Module):
     Transformer can learn this on its own from much data; one shared weight learns it from a few
     hundred examples. pi (one learned number per source position, starting at 0; positions past
     the table share its last entry) is a prior over where copies come from: news puts the facts
-    of a headline in its first sentence. The joint vocabulary holds every source token, so copying needs no extended
-    vocabulary. A model can then write a name or a number it has seen once straight from the
-    source, and the copy attention gets a direct learning signal from every target token that
-    occurs in the source.
+    of a headline in its first sentence. The joint vocabulary holds every source token, so
+    copying needs no extended vocabulary. A model can then write a name or a number it has seen
+    once straight from the source, and the copy attention gets a direct learning signal from
+    every target token that occurs in the source.
     """
 
     def __init__(self, d_model: int, max_source: int):
