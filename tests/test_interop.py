@@ -610,7 +610,7 @@ def marian_dir(tmp_path, hf_model, tok, name="hf"):
 @torch.no_grad()
 def assert_same_seq2seq(task_model, theirs, V):
     """Logits over a right-padded source batch and a target starting with the decoder's start token, then
-    20 greedy tokens per source decoded by lmforge's translation path (encoder once, KV cache)."""
+    up to 20 greedy tokens per source decoded by lmforge's translation path (encoder once, KV cache)."""
     ours, ids = task_model.model, task_model.fmt.ids
     assert (ids.eos, ids.bos, ids.pad) == (theirs.config.eos_token_id, theirs.config.decoder_start_token_id, PAD)
     torch.manual_seed(1)
@@ -627,7 +627,9 @@ def assert_same_seq2seq(task_model, theirs, V):
     out = theirs.generate(src, attention_mask=mask.long(), max_new_tokens=20, num_beams=1, do_sample=False,
                           decoder_start_token_id=ids.bos, eos_token_id=ids.eos, pad_token_id=PAD,
                           forced_eos_token_id=None)
-    assert [len(n) for n in new] == [20] * 3 and new == out[:, 1:].tolist()
+    # transformers pads a row after its <eos>; lmforge returns the tokens before it
+    expected = [row[:row.index(ids.eos)] if ids.eos in row else row for row in out[:, 1:].tolist()]
+    assert new == expected and sum(len(n) for n in new) >= 20, (new, expected)
 
 
 @pytest.mark.parametrize("act, share, tie", [("swish", True, True), ("relu", True, False), ("gelu", False, False)])

@@ -339,7 +339,7 @@ def test_learns_to_reverse_short_sequences_exactly(copy):
     fmt = TaskFormat("seq2seq", ids)
     m = Seq2SeqLM(ModelConfig(vocab_size=12, d_model=64, n_head=2, n_layer=2, n_encoder_layer=2, d_ff=128,
                               arch="seq2seq", pos_encoding="sinusoidal", block_size=16, copy_attention=copy))
-    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0)
 
     def sample(n):
         src = [[rng.randint(4, 11) for _ in range(rng.randint(2, 4))] for _ in range(n)]
@@ -388,3 +388,26 @@ def test_encoder_decoder_started_from_a_bert_style_encoder_encodes_exactly_as_th
     torch.testing.assert_close(s2s.embed_norm.weight, encoder.embed_norm.weight)
     with pytest.raises(LMForgeError, match="encoder checkpoint cannot start a decoder-only"):
         warm_start_config(enc_cfg, ModelConfig(vocab_size=V))
+
+
+def test_sinusoidal_encoder_decoder_learns_to_copy_long_sequences_quickly():
+    """Copying 8-16 random tokens needs the decoder to read the source through cross-attention from
+    the start. With sqrt(d_model)-scaled embeddings the residual stream holds O(1) values per feature;
+    sublayers started at init_std 0.02 add ~1% to it and this run stayed at chance (3.5 nats/token,
+    ln 36 = 3.58) for 300 steps. With the original Transformer's Xavier initialisation it learns."""
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    fmt = TaskFormat("seq2seq", SpecialIds(eos=0, bos=2, sep=3, pad=1, prefix=[]))
+    m = Seq2SeqLM(ModelConfig(vocab_size=40, d_model=64, n_head=4, n_layer=2, n_encoder_layer=2, d_ff=128,
+                              arch="seq2seq", pos_encoding="sinusoidal", block_size=32))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(300):
+        src = [[rng.randint(4, 39) for _ in range(rng.randint(8, 16))] for _ in range(16)]
+        batch = fmt.collate(src, src)
+        loss = sequence_loss(batch.logits(m), batch.labels) / batch.n_targets
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert sum(losses[-20:]) / 20 < 0.5  # chance is ln 36 = 3.58

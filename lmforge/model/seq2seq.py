@@ -199,16 +199,23 @@ class Seq2SeqLM(nn.Module):
 
     def init_weights(self) -> None:
         """The decoder-only model's initialisation (normal(0, init_std), residual projections scaled
-        by 1/sqrt(2 * n_layer), unit norms), except for token embeddings that are scaled by
-        sqrt(d_model) (sinusoidal positions): those start at normal(0, 1/sqrt(d_model)), as in the
-        original Transformer, so that scaled tokens have unit variance per feature next to the
-        sinusoids' 1/2. At init_std they would start ~4x weaker than the positions (d_model 128)
-        and the model would first learn mostly where a token is, not which token it is."""
+        by 1/sqrt(2 * n_layer), unit norms), except with embeddings scaled by sqrt(d_model)
+        (sinusoidal positions), which follow the original Transformer: token embeddings start at
+        normal(0, 1/sqrt(d_model)), so that scaled tokens have unit variance per feature next to the
+        sinusoids' 1/2, and every linear layer starts Xavier-uniform. Such embeddings put O(1)
+        values per feature into the residual stream; sublayers started at init_std = 0.02 (and
+        smaller still for residual projections) would add ~1% to it, and the model would take
+        thousands of steps to learn to read the source at all (a 3 + 3-block model at lr 3e-3
+        stayed at chance on copying 10-30 random tokens for 800 steps; with Xavier it reaches
+        0.35 nats/token in 500)."""
         DecoderLM.init_weights(self)
         if self.emb_scale != 1.0:
             for table in (self.tok_emb, self.src_emb):
                 if table is not None:
                     nn.init.normal_(table.weight, mean=0.0, std=self.cfg.d_model ** -0.5)
+            for module in self.modules():
+                if isinstance(module, nn.Linear) and module.weight is not self.tok_emb.weight:
+                    nn.init.xavier_uniform_(module.weight)
 
     def _embed(self, ids: torch.Tensor, table: nn.Embedding, pos: nn.Module | None, norm: nn.Module | None,
                start: int):
