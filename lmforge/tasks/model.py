@@ -210,15 +210,16 @@ def _from_encoder(state: dict[str, torch.Tensor], n_layer: int) -> dict[str, tor
 
 def warm_start_state(model: nn.Module, ckpt: Path) -> tuple[dict[str, torch.Tensor], list[str], str]:
     """What :func:`warm_start` copies: (tensors by the model's names, names that start fresh, and
-    what the checkpoint is: "model", "language model" or "encoder")."""
+    what the checkpoint is: "model", "language model" or "encoder"). A checkpoint of the model's
+    own kind fills everything and is not read here (``{}``, ``[]``, "model")."""
     from safetensors.torch import load_file
 
     from lmforge.train import checkpoint as ckpt_io
 
     saved_arch = ckpt_io.read_config(ckpt).model.arch
-    state = load_file(ckpt_io.require_file(ckpt, ckpt_io.WEIGHTS, "the checkpoint is incomplete; use another one"))
     if saved_arch == getattr(model.cfg, "arch", "decoder"):
-        return state, [], "model"
+        return {}, [], "model"
+    state = load_file(ckpt_io.require_file(ckpt, ckpt_io.WEIGHTS, "the checkpoint is incomplete; use another one"))
     if "lm_head.weight" not in state and "tok_emb.weight" in state:
         state["lm_head.weight"] = state["tok_emb.weight"]  # a tied head is stored once
     if saved_arch == "encoder":
