@@ -107,7 +107,10 @@ def step_benchmark(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.model import DecoderLM
     from lmforge.plan import estimate_memory
     from lmforge.train import distributed as D
-    from lmforge.train.loop import accumulate_gradients, resolve_device, resolve_dtype
+    from lmforge.hardware import mfu as model_flops_utilisation
+    from lmforge.hardware import peak_flops, resolve_device, resolve_dtype
+    from lmforge.tasks.lm import window_count, window_loss
+    from lmforge.train.trainer import accumulate_gradients
     from lmforge.train.optim import build_optimizer
 
     world, device = D.setup(resolve_device(args.device))
@@ -143,7 +146,8 @@ def step_benchmark(args: argparse.Namespace, overrides: list[str]) -> None:
 
     def step() -> None:
         with kernel:
-            accumulate_gradients(step_model, micro, device, compute_dtype, world=world if world.distributed else None)
+            accumulate_gradients(step_model, micro, window_loss, window_count, device, compute_dtype,
+                                 world=world if world.distributed else None)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -167,8 +171,8 @@ def step_benchmark(args: argparse.Namespace, overrides: list[str]) -> None:
     elapsed = time.perf_counter() - t0
     tokens = args.steps * B * T * args.grad_accum * world.world_size
     tok_s = tokens / elapsed
-    peak, source = D.peak_flops(device, amp_dtype, world)
-    mfu = D.mfu(tok_s, model.flops_per_token(T), peak)
+    peak, source = peak_flops(device, amp_dtype, world.world_size)
+    mfu = model_flops_utilisation(tok_s, model.flops_per_token(T), peak)
     row = {
         "preset": args.preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "processes": world.world_size, "strategy": strategy, "dtype": str(amp_dtype).removeprefix("torch."),

@@ -64,7 +64,7 @@ def pretrain_lm(work: Path, minutes: float, size: str) -> Path:
     """A decoder-only language model trained on the training articles only; returns its run directory."""
     from lmforge.config import load_config
     from lmforge.tasks.data import read_examples
-    from lmforge.train.loop import train
+    from lmforge.tasks.lm import train
 
     pairs, _ = read_examples(DATA / "bbc_headlines.train.jsonl", "document", "summary")
     corpus = work / "bbc-train-articles.jsonl"

@@ -18,7 +18,8 @@ BENCH = ROOT / "runs" / "bench"
 
 def lmforge_trunk(steps: int, minutes: float) -> tuple[Path, dict]:
     from lmforge.config import load_config
-    from lmforge.pretrain_encoder import pretrain_encoder
+    from lmforge.tasks.mlm import MaskedLanguageModel
+    from lmforge.train.trainer import fit
 
     out = BENCH / f"encoder-mlm-{steps}"
     info_path = out / "pretrain.json"
@@ -28,7 +29,7 @@ def lmforge_trunk(steps: int, minutes: float) -> tuple[Path, dict]:
                                        f"--train.max_minutes={minutes}", f"--data.data_dir={BENCH / 'shakespeare-bpe-mask'}",
                                        "--train.progress=false", f"--train.eval_interval={max(steps // 2, 1)}",
                                        f"--train.warmup_steps={max(steps // 10, 1)}"])
-    info = pretrain_encoder(cfg)
+    info = fit(cfg, MaskedLanguageModel())
     info_path.write_text(json.dumps(info, indent=2, default=str) + "\n")
     return out, info
 

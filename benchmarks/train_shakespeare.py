@@ -38,7 +38,7 @@ def run_child(name: str, data: str, workdir: str) -> dict:
     """Train one recipe in this process and summarise it (called in a subprocess)."""
     from lmforge.config import load_config
     from lmforge.model import DecoderLM
-    from lmforge.train.loop import train
+    from lmforge.tasks.lm import train
 
     overrides = [f"--data.corpus={data}", f"--data.data_dir={workdir}/data-{name}",
                  f"--train.out_dir={workdir}/run-{name}", "--train.progress=false", "--train.tensorboard=false",

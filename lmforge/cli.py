@@ -50,7 +50,7 @@ def cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
-    from lmforge.train.loop import train
+    from lmforge.tasks.lm import train
 
     cfg = _load(args, overrides)
     if cfg.model.arch == "seq2seq" or cfg.task.name != "lm":
@@ -58,12 +58,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
                            f"{cfg.task.name if cfg.task.name != 'lm' else 'translation'} -c RECIPE`")
     if args.quiet:
         cfg.train.progress = False
-    if cfg.model.arch == "encoder":  # a BERT-style encoder learns by masked-language modelling
-        from lmforge.pretrain_encoder import pretrain_encoder
-
-        summary = pretrain_encoder(cfg, resume=args.resume)
-    else:
-        summary = train(cfg, resume=args.resume)
+    summary = train(cfg, resume=args.resume)  # a BERT-style encoder learns by masked-language modelling
     shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
     if os.environ.get("RANK", "0") == "0":  # under torchrun every process trains; one prints
         print(json.dumps(shown, indent=2, default=str))
@@ -332,13 +327,14 @@ def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_pretrain_encoder(args: argparse.Namespace, overrides: list[str]) -> None:
-    from lmforge.pretrain_encoder import pretrain_encoder
+    from lmforge.tasks.mlm import MaskedLanguageModel
+    from lmforge.train.trainer import fit
 
     _check_overrides("pretrain-encoder", overrides)
     cfg = _load(args, overrides)
     if args.quiet:
         cfg.train.progress = False
-    print(json.dumps(pretrain_encoder(cfg, resume=args.resume), indent=2, default=str))
+    print(json.dumps(fit(cfg, MaskedLanguageModel(), resume=args.resume), indent=2, default=str))
 
 
 def _decoding_from_args(task_cfg, args: argparse.Namespace):

@@ -42,7 +42,7 @@ def text_dataset(path: str | Path, tokenizer) -> ArrayDataset:
 def evaluate_checkpoint(model, cfg, tokenizer, text_file: str | None = None, split: str = "val",
                         batch_size: int = 16, max_batches: int | None = None, device: str = "cpu") -> dict:
     from lmforge.data.shards import TokenDataset
-    from lmforge.train.loop import evaluate
+    from lmforge.tasks.lm import evaluate
 
     if cfg.model.arch != "decoder":
         raise LMForgeError(f"this checkpoint is a model.arch={cfg.model.arch} model; lmforge eval measures a "

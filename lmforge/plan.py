@@ -197,7 +197,7 @@ class Cluster:
 
 
 def _gpu_facts(cluster: Cluster, dtype: str) -> tuple[float | None, float]:
-    from lmforge.train.distributed import GPU_MEMORY, table_peak
+    from lmforge.hardware import GPU_MEMORY, table_peak
 
     memory = cluster.memory
     if memory is None:

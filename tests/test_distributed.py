@@ -28,8 +28,9 @@ from lmforge.data.sampler import BlockSampler
 from lmforge.errors import LMForgeError
 from lmforge.plan import param_counts
 from lmforge.train import checkpoint as ck
+from lmforge import hardware
 from lmforge.train import distributed as D
-from lmforge.train.loop import train
+from lmforge.tasks.lm import train
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ("the king hath sent for thee my lord and we shall go to france tomorrow "
@@ -199,14 +200,14 @@ def test_world_and_batch_refusals(monkeypatch):
 
 
 def test_peak_table_and_mfu():
-    assert D.table_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
-    assert D.table_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12
-    assert D.table_peak("NVIDIA H200", torch.bfloat16) == 989e12
-    assert D.table_peak("NVIDIA A100-SXM4-80GB", torch.float32) == 156e12
-    assert D.table_peak("Tesla T4", torch.float16) is None  # not in the table: no MFU rather than a guess
-    assert D.mfu(1000.0, 6e9, None) is None
-    assert D.mfu(1000.0, 6e9, 1e13) == pytest.approx(0.6)
-    cpu = D.measure_cpu_peak()
+    assert hardware.table_peak("NVIDIA H100 80GB HBM3", torch.bfloat16) == 989e12
+    assert hardware.table_peak("NVIDIA H100 PCIe", "bfloat16") == 756e12
+    assert hardware.table_peak("NVIDIA H200", torch.bfloat16) == 989e12
+    assert hardware.table_peak("NVIDIA A100-SXM4-80GB", torch.float32) == 156e12
+    assert hardware.table_peak("Tesla T4", torch.float16) is None  # not in the table: no MFU rather than a guess
+    assert hardware.mfu(1000.0, 6e9, None) is None
+    assert hardware.mfu(1000.0, 6e9, 1e13) == pytest.approx(0.6)
+    cpu = hardware.measure_cpu_peak()
     assert 1e8 < cpu < 1e14
 
 
@@ -345,7 +346,8 @@ WORKER = textwrap.dedent('''
     from lmforge.config import ModelConfig, TrainConfig
     from lmforge.model import DecoderLM
     from lmforge.train import distributed as D
-    from lmforge.train.loop import accumulate_gradients
+    from lmforge.tasks.lm import window_count, window_loss
+    from lmforge.train.trainer import accumulate_gradients
 
     world, device = D.setup(torch.device("cpu"))
     x, y = torch.load(sys.argv[1], weights_only=True)
@@ -378,7 +380,7 @@ WORKER = textwrap.dedent('''
             mine = [(xb.tensor_split(world.world_size)[world.rank], yb.tensor_split(world.world_size)[world.rank])
                     for xb, yb in micro]
             calls["n"] = 0
-            loss = accumulate_gradients(step_model, mine, world=world)
+            loss = accumulate_gradients(step_model, mine, window_loss, window_count, world=world)
             dist.all_reduce(loss)
             key = f"{strategy}_{accum}"
             out[key + "_loss"] = loss
@@ -398,7 +400,8 @@ def test_accumulation_without_sync_equals_the_big_batch(tmp_path):
     """2 ranks x 2 micro-batches, gradients reduced once, = one process on the whole batch (DDP and FSDP)."""
     from lmforge.config import ModelConfig
     from lmforge.model import DecoderLM
-    from lmforge.train.loop import accumulate_gradients
+    from lmforge.tasks.lm import window_count, window_loss
+    from lmforge.train.trainer import accumulate_gradients
 
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, 40, (8, 12), generator=g), torch.randint(0, 40, (8, 12), generator=g)
@@ -413,7 +416,7 @@ def test_accumulation_without_sync_equals_the_big_batch(tmp_path):
     cfg = ModelConfig(vocab_size=40, block_size=12, n_layer=2, n_head=2, d_model=32)
     torch.manual_seed(0)
     model = DecoderLM(cfg)
-    ref_loss = accumulate_gradients(model, [(x, y)])
+    ref_loss = accumulate_gradients(model, [(x, y)], window_loss, window_count)
     ref = {n: p.grad for n, p in model.named_parameters()}
     for strategy in ("ddp", "fsdp"):
         for accum in (1, 2):

@@ -189,7 +189,7 @@ def test_pad_labels():
 
 
 def test_mask_tokens_80_10_10():
-    from lmforge.pretrain_encoder import mask_tokens
+    from lmforge.tasks.mlm import mask_tokens
 
     x = torch.randint(3, 50, (64, 128), generator=torch.Generator().manual_seed(0))
     x[:, 0] = 0  # a special token: never chosen

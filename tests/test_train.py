@@ -14,7 +14,8 @@ from lmforge.config import Config, DataConfig, ModelConfig, TrainConfig
 from lmforge.errors import LMForgeError
 from lmforge.model import DecoderLM
 from lmforge.train import checkpoint as ck
-from lmforge.train.loop import accumulate_gradients, train
+from lmforge.tasks.lm import train, window_count, window_loss
+from lmforge.train.trainer import accumulate_gradients
 from lmforge.train.plot import plot_run
 
 WORDS = ("the king hath sent for thee my lord and we shall go to france tomorrow "
@@ -85,9 +86,9 @@ def test_two_micro_batches_of_4_equal_one_batch_of_8():
     y[3, 5] = -100
     assert (y[:4] != -100).sum() != (y[4:] != -100).sum()
 
-    big_loss = accumulate_gradients(model, [(x, y)])
+    big_loss = accumulate_gradients(model, [(x, y)], window_loss, window_count)
     big = grads(model)
-    acc_loss = accumulate_gradients(model, [(x[:4], y[:4]), (x[4:], y[4:])])
+    acc_loss = accumulate_gradients(model, [(x[:4], y[:4]), (x[4:], y[4:])], window_loss, window_count)
     acc = grads(model)
     ref_loss = reference_step_loss(model, x, y)
     ref_loss.backward()

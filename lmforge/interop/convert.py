@@ -42,6 +42,7 @@ from lmforge.interop.hf_files import (
     special_token,
 )
 from lmforge.interop.mapping import HFConfig, Weights
+from lmforge.model import build_model
 
 Log = Callable[[str], None]
 RECIPE = "recipe.yaml"
@@ -78,21 +79,6 @@ def _temp_dir(out_dir: Path) -> Path:
     return tmp
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu") -> torch.nn.Module:
-    """An uninitialised DecoderLM / EncoderModel / Seq2SeqLM (memory allocated, values to be loaded)."""
-    from lmforge.model import DecoderLM
-    from lmforge.model.encoder import EncoderModel
-    from lmforge.model.seq2seq import Seq2SeqLM
-
-    cls = {"encoder": EncoderModel, "seq2seq": Seq2SeqLM}.get(cfg.arch, DecoderLM)
-    with torch.device("meta"):
-        model = cls(cfg)
-    model = model.to_empty(device=device)
-    if cfg.arch != "encoder" and cfg.tie_embeddings:  # to_empty gives each module its own tensor: tie again
-        model.lm_head.weight = model.tok_emb.weight
-    return model
-
-
 # ------------------------------------------------------------------------------------------------ import
 
 def model_from_hf(raw_config: dict, tensors: dict[str, torch.Tensor], source: str = "the checkpoint",
@@ -110,7 +96,7 @@ def model_from_hf(raw_config: dict, tensors: dict[str, torch.Tensor], source: st
     weights = Weights(tensors, source, model_type)
     state = arch.from_hf(weights, mcfg)
     dropped = weights.check_leftovers(tuple(drop_prefixes))
-    model = build_model(mcfg)
+    model = build_model(mcfg, empty=True)
     expected = model.state_dict()
     for name in expected:  # the mapping's own bookkeeping; a failure here is a bug in it, not in the input
         assert name in state and tuple(state[name].shape) == tuple(expected[name].shape), name

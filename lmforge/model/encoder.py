@@ -90,8 +90,11 @@ class EncoderModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        token_logits: bool = False,
     ) -> torch.Tensor:
-        """idx [B, T] -> hidden states [B, T, d_model] (BERT's ``last_hidden_state``).
+        """idx [B, T] -> hidden states [B, T, d_model] (BERT's ``last_hidden_state``), or with
+        ``token_logits`` float32 scores of every vocabulary token at every position [B, T, vocab_size]
+        through the (tied) token embedding, h E^T: the masked-language-model output.
 
         attention_mask: [B, T], True/1 = real token (padding, e.g. on the right, is never attended
         to; its own outputs are computed but meaningless). token_type_ids: [B, T] segment ids
@@ -120,7 +123,10 @@ class EncoderModel(nn.Module):
         x = self.drop(x)
         rope = self.rotary(positions) if self.rotary is not None else None
         mask = attention_mask.bool() if attention_mask is not None else None
-        return self.encoder(x, key_padding_mask=mask, rope=rope)
+        hidden = self.encoder(x, key_padding_mask=mask, rope=rope)
+        if token_logits:
+            return (hidden @ self.tok_emb.weight.t())[..., : self.cfg.vocab_size].float()
+        return hidden
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """BERT's pooled output: tanh(dense(first token's state)) [B, d_model]."""

@@ -135,13 +135,15 @@ def save_checkpoint(
     metrics: dict | None = None,
     tokenizer_path: str | Path | None = None,
     keep_last: int = 2,
+    extra: dict | None = None,
 ) -> Path:
     """Write ``run_dir/checkpoints/step_{step:06d}`` atomically and point ``latest`` at it.
 
     ``model`` is the plain module (not a compiled or distributed wrapper). With an
     ``optimizer`` the checkpoint can be resumed: the optimizer, the RNG states (read
     here, so call this after the step's random draws) and the sampler state go with it.
-    ``tokenizer_path`` defaults to ``cfg.data.data_dir/tokenizer.json``.
+    ``tokenizer_path`` defaults to ``cfg.data.data_dir/tokenizer.json``. ``extra``: more JSON
+    facts of the run for ``train_state.json`` (e.g. the dtype it chose).
     Returns the checkpoint directory.
     """
     ckpt_root = Path(run_dir) / CHECKPOINTS
@@ -165,7 +167,7 @@ def save_checkpoint(
             "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
             "rng": capture_rng_state(),
         }, tmp / STATE_PT)
-    state_json = {"step": step, "sampler": sampler_state, "metrics": metrics or {}}
+    state_json = {"step": step, "sampler": sampler_state, "metrics": metrics or {}, **(extra or {})}
     (tmp / STATE_JSON).write_text(json.dumps(state_json, indent=2) + "\n", encoding="utf-8")
     for f in tmp.iterdir():
         _fsync_file(f)
@@ -230,6 +232,7 @@ def save_sharded_checkpoint(
     grad_scaler: Any = None,
     tokenizer_path: str | Path | None = None,
     keep_last: int = 2,
+    extra: dict | None = None,
 ) -> Path:
     """The checkpoint of a multi-process run; every rank calls it (it is a collective).
 
@@ -269,7 +272,7 @@ def save_sharded_checkpoint(
         (tmp / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
         state_json = {"step": step, "sampler": sampler_state, "metrics": metrics or {}, "world_size": world_size,
-                      "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None}
+                      "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None, **(extra or {})}
         (tmp / STATE_JSON).write_text(json.dumps(state_json, indent=2) + "\n", encoding="utf-8")
     del full
     dist.barrier()  # every rank's files are written
@@ -302,7 +305,8 @@ def load_sharded_train_state(ckpt: str | Path, rank: int) -> dict[str, Any]:
                 f"{rng_file} is corrupt or truncated ({type(e).__name__}); resume from another checkpoint"
             ) from None
     return {"step": info["step"], "sampler": info.get("sampler"), "metrics": info.get("metrics") or {},
-            "grad_scaler": info.get("grad_scaler"), "world_size": info.get("world_size"), "rng": rng}
+            "grad_scaler": info.get("grad_scaler"), "world_size": info.get("world_size"), "rng": rng,
+            "dtype": info.get("dtype")}
 
 
 def load_sharded_checkpoint(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -495,7 +499,7 @@ def load_train_state(ckpt: str | Path) -> dict[str, Any]:
             f"{ckpt}: {STATE_PT} is at step {state['step']} but {STATE_JSON} at step {info.get('step')}; "
             "the checkpoint is damaged, resume from another one"
         )
-    return {**state, "sampler": info.get("sampler"), "metrics": info.get("metrics") or {}}
+    return {**state, "sampler": info.get("sampler"), "metrics": info.get("metrics") or {}, "dtype": info.get("dtype")}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, Any]:
@@ -503,7 +507,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
 
     ``path`` is a checkpoint directory or a run directory (its latest checkpoint).
     """
-    from lmforge.model import DecoderLM
+    from lmforge.model import build_model
     from lmforge.tokenizer import Tokenizer
 
     ckpt = latest_checkpoint(path)
@@ -515,12 +519,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
             f"{tok_path} has {tokenizer.vocab_size} tokens but the model in {ckpt} has a vocabulary of "
             f"{cfg.model.vocab_size}; copy the tokenizer.json of the data the model was trained on into {ckpt}"
         )
-    if cfg.model.arch == "encoder":  # an imported BERT-like encoder (lmforge import)
-        from lmforge.model.encoder import EncoderModel
-
-        model = EncoderModel(cfg.model)
-    else:
-        model = DecoderLM(cfg.model)
+    model = build_model(cfg.model)
     load_weights(model, ckpt)
     model.to(device).eval()
     return model, cfg, tokenizer

@@ -22,10 +22,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
-import math
 import os
-import statistics
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -210,6 +207,14 @@ def _checkpointed(forward):
     return run
 
 
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """Every Transformer block of ``model`` in registration order: a language model's, an encoder's,
+    both stacks of an encoder-decoder, the trunk's under a task head."""
+    from lmforge.model.layers import Block
+
+    return [m for m in model.modules() if isinstance(m, Block)]
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Full activation checkpointing of every block: only each block's input is kept for backward.
 
@@ -217,7 +222,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     parameter names stay the same. Dropout masks are recomputed identically (the RNG state is
     saved with each block's input).
     """
-    for block in model.blocks:
+    for block in transformer_blocks(model):
         block.forward = _checkpointed(block.forward)
 
 
@@ -227,7 +232,7 @@ def apply_compile(model: nn.Module) -> None:
     Compiling the forward rather than the module keeps FSDP's and DDP's hooks outside the graph
     and the parameter names unchanged; all blocks share one compiled graph.
     """
-    for block in model.blocks:
+    for block in transformer_blocks(model):
         block.forward = torch.compile(block.forward)
 
 
@@ -239,20 +244,22 @@ def apply_fsdp(model: nn.Module, world: World, device: torch.device, param_dtype
 
     mesh = init_device_mesh(device.type, (world.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    n = len(model.blocks)
-    for i, block in enumerate(model.blocks):
+    blocks = transformer_blocks(model)
+    n = len(blocks)
+    for i, block in enumerate(blocks):
         # The last block's weights are needed again at once by the backward pass: keep them gathered.
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
 
 
 def parallelize(model: nn.Module, tcfg: TrainConfig, world: World, device: torch.device, strategy: str,
-                amp_dtype: torch.dtype) -> nn.Module:
+                amp_dtype: torch.dtype, find_unused_parameters: bool = False) -> nn.Module:
     """Apply activation checkpointing, compile and data parallelism to ``model``; returns what to step.
 
     ``model`` itself stays the module whose parameters the optimizer updates and whose state
     dict is saved (under FSDP it is sharded in place; under DDP it is wrapped). With one process
     and ``train.compile`` the whole model is compiled, as before; with DDP or FSDP each block is.
+    ``find_unused_parameters``: DDP looks for parameters a step did not reach (task heads).
     """
     if tcfg.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -274,6 +281,7 @@ def parallelize(model: nn.Module, tcfg: TrainConfig, world: World, device: torch
         return DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no second copy
+            find_unused_parameters=find_unused_parameters,
         )
     if tcfg.compile:
         return torch.compile(model)
@@ -315,74 +323,3 @@ def scalar(value: Any) -> float:
     if hasattr(value, "full_tensor"):
         value = value.full_tensor()
     return float(value)
-
-
-# ------------------------------------------------------------------------------------------- peak FLOP/s
-
-#: Dense peak FLOP/s per accelerator from the vendors' data sheets (no sparsity), by the name
-#: torch.cuda.get_device_name reports; the first matching key wins, so the specific come first.
-#: float32 is the TF32 tensor-core figure, because lmforge enables TF32 for float32 matmuls on CUDA.
-PEAK_FLOPS: dict[str, dict[str, float]] = {
-    "H100 PCIe": {"bfloat16": 756e12, "float16": 756e12, "float32": 378e12},
-    "H100 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12},
-    "H100": {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12},   # SXM
-    "H200 NVL": {"bfloat16": 835e12, "float16": 835e12, "float32": 418e12},
-    "H200": {"bfloat16": 989e12, "float16": 989e12, "float32": 495e12},   # SXM
-    "A100": {"bfloat16": 312e12, "float16": 312e12, "float32": 156e12},   # SXM and PCIe
-}
-
-#: memory per GPU in bytes, for ``lmforge plan``
-GPU_MEMORY: dict[str, float] = {
-    "H100 PCIe": 80e9, "H100 NVL": 94e9, "H100": 80e9, "H200 NVL": 141e9, "H200": 141e9, "A100": 80e9,
-}
-
-
-def table_peak(device_name: str, dtype: torch.dtype | str) -> float | None:
-    """The table's peak for a device name and dtype; None for a device not in the table."""
-    key = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    for name, peaks in PEAK_FLOPS.items():
-        if name.lower() in device_name.lower():
-            return peaks.get(key)
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def measure_cpu_peak(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
-    """Median FLOP/s of an n x n x n matmul in this process, with its torch threads: the CPU 'peak'."""
-    g = torch.Generator().manual_seed(0)  # never the global generator: training's random streams stay untouched
-    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times)
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype, world: World) -> tuple[float | None, str]:
-    """Peak FLOP/s of the whole run (all ranks) and where the figure comes from.
-
-    GPUs: the table above times the world size, or None for a GPU not in it (no MFU rather
-    than a guess). CPU: a matmul measured now on every rank at once (so ranks sharing cores
-    share the figure too), summed over ranks.
-    """
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = table_peak(name, dtype)
-        if peak is None:
-            return None, f"{name} is not in the peak FLOP/s table"
-        return peak * world.world_size, f"{name}, {str(dtype).removeprefix('torch.')} data sheet"
-    if device.type != "cpu":
-        return None, f"no peak FLOP/s known for {device.type}"
-    barrier(world)  # measure together: the figure is the cores' shared throughput
-    peak = torch.tensor([measure_cpu_peak(dtype)], dtype=torch.float64)
-    all_reduce_sum(peak, world)
-    return float(peak.item()), f"matmul measured on CPU, {str(dtype).removeprefix('torch.')}"
-
-
-def mfu(tokens_per_second: float, flops_per_token: float, peak: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved training FLOP/s over the peak (None without a peak)."""
-    if not peak or not math.isfinite(tokens_per_second):
-        return None
-    return tokens_per_second * flops_per_token / peak
