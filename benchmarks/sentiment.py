@@ -38,7 +38,7 @@ def vader(valid: Path) -> dict:
 
 def finetune(name: str, trunk: Path, args, train: Path, valid: Path, extra: list[str]) -> dict:
     from lmforge.config import load_config
-    from lmforge.tasks.sentiment import finetune_sentiment
+    from lmforge.tasks.registry import finetune
 
     out = BENCH / f"sentiment-{name}-{args.tuning}-{args.steps}-{args.minutes:g}m"
     overrides = [f"--train.out_dir={out}", f"--train.init_from={trunk}", f"--train.max_steps={args.steps}",
@@ -52,10 +52,10 @@ def finetune(name: str, trunk: Path, args, train: Path, valid: Path, extra: list
 
         s = json.loads((out / "report.json").read_text())
     else:
-        s = finetune_sentiment(cfg)
+        s = finetune(cfg)
     v = s["valid"]
     return {"trunk": name, "tuning": args.tuning, "steps": s["steps"], "accuracy": v["accuracy"],
-            "macro_f1": v["macro_f1"], "train_ex_s": s["train_examples_per_second"],
+            "macro_f1": v["macro_f1"], "train_ex_s": s["examples_per_second"],
             "infer_ex_s": v["examples_per_second"], "trainable_params": s["trainable_params"],
             "train_seconds": s["train_seconds"], "run": str(out)}
 

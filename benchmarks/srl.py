@@ -33,7 +33,7 @@ def split(path: Path) -> tuple[Path, Path, dict]:
 
 def finetune(name: str, trunk: Path, args, train: Path, valid: Path, extra: list[str]) -> dict:
     from lmforge.config import load_config
-    from lmforge.tasks.srl import finetune_srl
+    from lmforge.tasks.registry import finetune
 
     out = BENCH / f"srl-{name}-{args.tuning}-{args.steps}-{args.minutes:g}m"
     overrides = [f"--train.out_dir={out}", f"--train.init_from={trunk}", f"--train.max_steps={args.steps}",
@@ -45,13 +45,13 @@ def finetune(name: str, trunk: Path, args, train: Path, valid: Path, extra: list
     if (out / "report.json").is_file():
         s = json.loads((out / "report.json").read_text())
     else:
-        s = finetune_srl(cfg)
+        s = finetune(cfg)
     v, full = s["valid"], s["valid_scores"]
     return {"trunk": name, "tuning": args.tuning, "steps": s["steps"],
             "f1_gold_pred": v["f1_gold_predicates"], "f1_end_to_end": v["f1_end_to_end"],
             "predicate_f1": v["predicate_f1"], "sense_f1": v["sense_f1_gold_predicates"],
             "conll2009_f1_e2e": full["end_to_end"]["conll2009"]["f1"],
-            "train_ex_s": s["train_examples_per_second"], "infer_sent_s": v["sentences_per_second_end_to_end"],
+            "train_ex_s": s["examples_per_second"], "infer_sent_s": v["sentences_per_second_end_to_end"],
             "train_seconds": s["train_seconds"], "per_label_gold_pred": full["gold_predicates"]["per_label"],
             "run": str(out)}
 

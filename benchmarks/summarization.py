@@ -87,7 +87,7 @@ def pretrain_lm(work: Path, minutes: float, size: str) -> Path:
 def run_system(system: str, args, work: Path, overrides: list[str], lm: Path | None) -> list[dict]:
     from lmforge.config import load_config
     from lmforge.tasks.model import Decoding, load_task_model
-    from lmforge.tasks.trainer import TaskData, finetune, score_examples
+    from lmforge.tasks.seq2seq import TaskData, finetune, score_examples
 
     out_dir = work / system
     shutil.rmtree(out_dir, ignore_errors=True)  # a fresh run each time

@@ -50,8 +50,11 @@ def seconds_per_step(cfg, steps: int = 8) -> float:
 
     from lmforge.tasks.data import TokenBatcher
     from lmforge.tasks.format import SpecialIds, TaskFormat
-    from lmforge.tasks.model import build_model
-    from lmforge.tasks.trainer import TaskData, accumulate_task_gradients, resolve_tokenizer
+    import functools
+
+    from lmforge.model import build_model
+    from lmforge.tasks.seq2seq import TaskData, pair_count, pair_loss, resolve_tokenizer
+    from lmforge.train.trainer import accumulate_gradients
     from lmforge.train.optim import build_optimizer
 
     from lmforge.tasks.model import warm_start_config
@@ -70,7 +73,8 @@ def seconds_per_step(cfg, steps: int = 8) -> float:
     for _ in range(steps + 1):
         t = time.perf_counter()
         batches = [data.batch(fmt, batcher.next_batch()) for _ in range(cfg.train.grad_accum)]
-        accumulate_task_gradients(model, batches, torch.device("cpu"), torch.float32, cfg.task.label_smoothing)
+        accumulate_gradients(model, batches, functools.partial(pair_loss, label_smoothing=cfg.task.label_smoothing),
+                             pair_count)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
@@ -110,7 +114,7 @@ def run_design(design: str, minutes: float, beam_size: int, no_repeat: int, work
     import json
 
     from lmforge.tasks.model import Decoding, load_task_model
-    from lmforge.tasks.trainer import TaskData, finetune, score_examples
+    from lmforge.tasks.seq2seq import TaskData, finetune, score_examples
 
     run_dir = work / RECIPES[design]
     if decode_only:

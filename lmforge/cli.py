@@ -14,6 +14,7 @@ from pathlib import Path
 
 from lmforge.errors import LMForgeError
 
+FINETUNE_TASKS = ("translation", "summarization", "sentiment", "srl")  # lmforge.tasks.registry.FINETUNE_TASKS
 DEFAULT_RECIPE = "shakespeare-char"
 DEFAULT_RUN = "runs/shakespeare-char"
 
@@ -87,11 +88,12 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
 
     if overrides:
         raise LMForgeError(f"unknown option {overrides[0]!r} for generate; see `lmforge generate --help`")
-    from lmforge.tasks.model import COMMANDS, checkpoint_task
+    from lmforge.tasks.model import checkpoint_task
+    from lmforge.tasks.registry import TASKS
 
     task = checkpoint_task(args.checkpoint)
     if task != "lm":
-        command = COMMANDS.get(task, "finetune")
+        command = TASKS[task].command if task in TASKS else "finetune"
         raise LMForgeError(f"{args.checkpoint} is a {task} checkpoint; use `lmforge {command}` with it")
     model, cfg, tokenizer = load_model(args.checkpoint, device=args.device)
     model = _cast_for_decoding(model, args.dtype)
@@ -208,20 +210,16 @@ def _check_overrides(command: str, overrides: list[str]) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Any task of the registry: its objective handed to the one trainer."""
     from lmforge.config import load_config
-    from lmforge.tasks import TASKS
-    from lmforge.tasks.trainer import finetune
+    from lmforge.tasks.registry import finetune, get_task
 
     _check_overrides("finetune", overrides)
-    if args.task in HEAD_TASKS:  # sentiment, srl: a head on a pretrained trunk (lmforge.tasks.head_trainer)
-        return _finetune_head(args, overrides)
-    spec = TASKS[args.task]
-    base = {"task": {"name": spec.NAME, "source_key": spec.SOURCE_KEY, "target_key": spec.TARGET_KEY,
-                     "metric": spec.METRICS[0]}}
-    cfg = load_config(args.config or spec.RECIPE, overrides, base=base)
-    if cfg.task.name != spec.NAME:
-        raise LMForgeError(f"recipe {args.config!r} is for task {cfg.task.name!r}, not {spec.NAME}; "
-                           f"use a {spec.NAME} recipe (e.g. {spec.RECIPE})")
+    spec = get_task(args.task)
+    cfg = load_config(args.config or spec.recipe, overrides, base=spec.defaults())
+    if cfg.task.name != spec.name:
+        raise LMForgeError(f"recipe {args.config!r} is for task {cfg.task.name!r}, not {spec.name}; "
+                           f"use a {spec.name} recipe (e.g. {spec.recipe})")
     for flag, key in (("train", "train_file"), ("valid", "valid_file")):
         if getattr(args, flag) is not None:
             setattr(cfg.task, key, getattr(args, flag) or None)
@@ -230,39 +228,13 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.quiet:
         cfg.train.progress = False
     summary = finetune(cfg, resume=args.resume)
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))} |
-                     ({"valid": summary["valid"]["scores"]} if "valid" in summary else {}), indent=2, default=str))
-
-
-# ------------------------------------------------------------------------------- tasks (sentiment, srl)
-
-HEAD_TASKS = ("sentiment", "srl")
-
-
-def _finetune_head(args: argparse.Namespace, overrides: list[str]) -> None:
-    from lmforge.config import load_config
-
-    recipe = args.config or f"{args.task}-tiny"
-    base = {"task": {"name": args.task, "source_key": "text", "target_key": "label",
-                     "metric": "macro_f1" if args.task == "sentiment" else "f1"}}
-    cfg = load_config(recipe, overrides, base=base)
-    if cfg.task.name != args.task:
-        raise LMForgeError(f"recipe {recipe!r} is for task {cfg.task.name!r}, not {args.task}; use a {args.task} recipe")
-    for flag, key in (("train", "train_file"), ("valid", "valid_file")):
-        if getattr(args, flag) is not None:
-            setattr(cfg.task, key, getattr(args, flag) or None)
-    if args.init_from:
-        cfg.train.init_from = args.init_from
-    if args.quiet:
-        cfg.train.progress = False
-    if args.task == "sentiment":
-        from lmforge.tasks.sentiment import finetune_sentiment as run
-    else:
-        from lmforge.tasks.srl import finetune_srl as run
-    summary = run(cfg, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every process trains; one prints
+        return
     shown = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
-    if isinstance(summary.get("valid"), dict):
-        shown["valid"] = {k: v for k, v in summary["valid"].items() if isinstance(v, (int, float))}
+    valid = summary.get("valid")
+    if isinstance(valid, dict):
+        valid = valid.get("scores", valid)
+        shown["valid"] = {k: v for k, v in valid.items() if isinstance(v, (int, float))}
     print(json.dumps(shown, indent=2, default=str))
 
 
@@ -319,7 +291,7 @@ def cmd_srl(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
-    from lmforge.tasks.head_trainer import merge_lora_checkpoint
+    from lmforge.tasks.head import merge_lora_checkpoint
 
     if overrides:
         raise LMForgeError(f"unknown option {overrides[0]!r} for lora-merge; see `lmforge lora-merge --help`")
@@ -410,7 +382,7 @@ def _eval_task(args: argparse.Namespace) -> None:
     """``lmforge eval`` on a translation or summarization checkpoint: decode a test file, write
     the hypotheses and the scores."""
     from lmforge.tasks.model import Decoding, load_task_model
-    from lmforge.tasks.trainer import evaluate_file
+    from lmforge.tasks.seq2seq import evaluate_file
 
     task_model = load_task_model(args.checkpoint, device=args.device)
     test_file = args.file or task_model.cfg.task.valid_file
@@ -521,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with the loss on the target only). Writes checkpoints, metrics.jsonl, loss.png, "
                                    "<metric>.png, valid.hyp.txt and report.json to train.out_dir.",
                        epilog=epilog, formatter_class=fmt)
-    p.add_argument("task", choices=["translation", "summarization", *HEAD_TASKS],
+    p.add_argument("task", choices=FINETUNE_TASKS,
                    help="the task (sentiment: TSV text/label; srl: CoNLL-U Plus as in Universal PropBank)")
     p.add_argument("--config", "-c", default=None, metavar="RECIPE",
                    help="recipe name in configs/ or YAML path (default: translation-bible / summarization-bbc)")

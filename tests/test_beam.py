@@ -9,7 +9,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.model import DecoderLM
 from lmforge.model.seq2seq import Seq2SeqLM
-from lmforge.tasks import beam
+from lmforge.generate import beam
 
 EOS = 0
 

@@ -18,10 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# pad_batch and pad_labels are not used here: they are imported for the tasks that batch inputs for the heads
+from lmforge.data.padding import IGNORE_INDEX, pad_batch, pad_labels  # noqa: F401
 from lmforge.errors import LMForgeError
-
-#: label of tokens that the loss skips (non-first subwords, special tokens, padding)
-IGNORE_INDEX = -100
 
 
 def is_causal(trunk: nn.Module) -> bool:
@@ -219,21 +218,3 @@ def first_subword_positions(owners: list[int], n_words: int) -> list[int]:
         if w >= 0 and pos[w] < 0:
             pos[w] = t
     return pos
-
-
-def pad_batch(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id lists: (ids [B, T], mask [B, T] True = real)."""
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = True
-    return ids, mask
-
-
-def pad_labels(rows: list[list[int]], width: int) -> torch.Tensor:
-    out = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out

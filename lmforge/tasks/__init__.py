@@ -1,16 +1,13 @@
-"""Tasks built on the language model's layers, trainer and tokenizer: translation and summarization.
+"""Objectives for the one trainer, and putting their checkpoints to work.
 
-Each task reads (source, target) examples from TSV or JSONL, trains an encoder-decoder
-(``model.arch=seq2seq``) or a decoder-only model on "source <sep> target" (``model.arch=decoder``)
-with ``lmforge finetune``, decodes with greedy or beam search, and scores with the standard
-metric libraries. Modules: ``data`` (reading, lengths, token batches), ``format`` (model inputs,
-loss), ``beam`` (search), ``metrics``, ``model`` (loading, texts in / texts out), ``trainer``,
-``translation``, ``summarization``.
+``registry`` lists every task (name -> objective, recipe, metrics, command). One file per
+objective: ``lm`` (next token), ``mlm`` (masked tokens), ``seq2seq`` (translation, summarization),
+``sentiment`` (text classification), ``srl`` (semantic role labelling); ``head`` holds what the
+two head tasks share. Helpers: ``data`` (reading, lengths, token batches), ``format`` (model
+inputs, loss), ``metrics``, ``model`` (task checkpoints: texts in, outputs out), ``translation``,
+``summarization``.
 """
 
-from lmforge.tasks import summarization, translation
+from lmforge.tasks.registry import TASKS, TaskSpec, get_task
 
-#: task name -> its module (NAME, RECIPE, SOURCE_KEY, TARGET_KEY, METRICS)
-TASKS = {translation.NAME: translation, summarization.NAME: summarization}
-
-__all__ = ["TASKS", "summarization", "translation"]
+__all__ = ["TASKS", "TaskSpec", "get_task"]

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.padding import IGNORE_INDEX, pad_batch
 from lmforge.errors import LMForgeError
 
-IGNORE_INDEX = -100
 PAD, BOS, SEP = "<pad>", "<s>", "<sep>"
 
 
@@ -107,9 +107,9 @@ class TaskFormat:
             src = [self.source(s) for s in sources]
             tgt_in = [[self.ids.bos] + list(t) for t in targets]
             labels = [list(t) + [self.ids.eos] for t in targets]
-            src_t, src_mask = _pad(src, pad)
-            tgt_t, _ = _pad(tgt_in, pad)
-            lab_t, _ = _pad(labels, IGNORE_INDEX)
+            src_t, src_mask = pad_batch(src, pad)
+            tgt_t, _ = pad_batch(tgt_in, pad)
+            lab_t, _ = pad_batch(labels, IGNORE_INDEX)
             return Batch(inputs=tgt_t, labels=lab_t, src=src_t, src_mask=src_mask)
         seqs, labels = [], []
         for s, t in zip(sources, targets):
@@ -117,19 +117,9 @@ class TaskFormat:
             seq = prompt + list(t) + [self.ids.eos]
             seqs.append(seq[:-1])
             labels.append([IGNORE_INDEX] * (len(prompt) - 1) + seq[len(prompt):])
-        inputs, _ = _pad(seqs, pad)
-        lab_t, _ = _pad(labels, IGNORE_INDEX)
+        inputs, _ = pad_batch(seqs, pad)
+        lab_t, _ = pad_batch(labels, IGNORE_INDEX)
         return Batch(inputs=inputs, labels=lab_t)
-
-
-def _pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = True
-    return out, mask
 
 
 @dataclass

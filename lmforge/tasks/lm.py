@@ -23,11 +23,9 @@ from lmforge.errors import LMForgeError
 from lmforge.train import checkpoint as ckpt_io
 from lmforge.train import distributed as dist_io
 from lmforge.train.distributed import World, all_reduce_sum
-from lmforge.train.objective import Objective, Run
+from lmforge.train.objective import Objective, Run, check_same_model
 
 NAME = "lm"
-#: model settings that may change on resume or init_from without changing any weight's shape
-FREE_MODEL_KEYS = ("preset", "dropout", "init_std")
 
 
 def token_loss_sum(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -75,18 +73,7 @@ def prepare_data(cfg: Config, progress: bool, world: World | None = None) -> dic
 
 def check_compatible(ckpt: Path, cfg: Config, what: str) -> None:
     """Refuse a checkpoint whose weights cannot be this config's model, or whose tokenizer differs."""
-    saved = ckpt_io.read_config(ckpt)
-    diffs = [
-        f"{key}: {getattr(saved.model, key)!r} in the checkpoint, {getattr(cfg.model, key)!r} in the config"
-        for key in vars(cfg.model) if key not in FREE_MODEL_KEYS and getattr(saved.model, key) != getattr(cfg.model, key)
-    ]
-    if saved.task.name != cfg.task.name:
-        diffs.insert(0, f"task {saved.task.name!r} in the checkpoint, {cfg.task.name!r} now")
-    if diffs:
-        raise LMForgeError(
-            f"cannot {what} {ckpt}: the model shape differs ({'; '.join(diffs)}); "
-            f"use the model settings of {ckpt / ckpt_io.CONFIG} or a new train.out_dir"
-        )
+    check_same_model(ckpt, cfg, what)
     ckpt_tok = ckpt_io.require_file(ckpt, ckpt_io.TOKENIZER, "copy the tokenizer.json it was trained with into it")
     data_tok = Path(cfg.data.data_dir) / ckpt_io.TOKENIZER
     if not data_tok.is_file():

@@ -12,24 +12,10 @@ from torch import nn
 
 from lmforge.config import Config, ModelConfig, TaskConfig
 from lmforge.errors import LMForgeError
-from lmforge.tasks import beam
+from lmforge.generate import beam
 from lmforge.tasks.format import SpecialIds, TaskFormat
 
-#: task of a checkpoint -> the command that uses it
-COMMANDS = {"lm": "generate", "translation": "translate", "summarization": "summarize", "sentiment": "classify",
-            "srl": "srl"}
 SEQ2SEQ_TASKS = ("translation", "summarization")
-
-
-def build_model(mcfg: ModelConfig) -> nn.Module:
-    """Seq2SeqLM for model.arch=seq2seq, DecoderLM for model.arch=decoder."""
-    if mcfg.arch == "seq2seq":
-        from lmforge.model.seq2seq import Seq2SeqLM
-
-        return Seq2SeqLM(mcfg)
-    from lmforge.model import DecoderLM
-
-    return DecoderLM(mcfg)
 
 
 @dataclass
@@ -140,7 +126,9 @@ def load_task_model(path: str | Path, expect: str | None = None, device: str = "
         raise LMForgeError(f"{ckpt} is a language-model checkpoint (from `lmforge train`); "
                            f"give one trained with {wanted}, or use `lmforge generate` for it")
     if (expect and cfg.task.name != expect) or cfg.task.name not in SEQ2SEQ_TASKS:
-        command = COMMANDS.get(cfg.task.name, "finetune")
+        from lmforge.tasks.registry import TASKS
+
+        command = TASKS[cfg.task.name].command if cfg.task.name in TASKS else "finetune"
         raise LMForgeError(f"{ckpt} is a {cfg.task.name} checkpoint, not {expect or 'translation or summarization'}; "
                            f"use `lmforge {command}` for it, or give one trained with {wanted}")
     tok_path = ckpt_io.require_file(ckpt, ckpt_io.TOKENIZER, "copy the tokenizer.json it was trained with into it")
@@ -148,6 +136,8 @@ def load_task_model(path: str | Path, expect: str | None = None, device: str = "
     if tokenizer.vocab_size != cfg.model.vocab_size:
         raise LMForgeError(f"{tok_path} has {tokenizer.vocab_size} tokens but the model in {ckpt} has "
                            f"{cfg.model.vocab_size}; copy the tokenizer the model was trained with into {ckpt}")
+    from lmforge.model import build_model
+
     model = build_model(cfg.model)
     ckpt_io.load_weights(model, ckpt)
     model.to(device).eval()

@@ -1,7 +1,7 @@
 """Sentiment analysis (any text classification): TSV ``text``/``label`` in, a label and probabilities out.
 
 ``lmforge finetune sentiment --train a.tsv --valid b.tsv --init-from CKPT`` puts a
-:class:`~lmforge.model.heads.SequenceClassifier` on a trunk and trains it (``tasks.head_trainer``);
+:class:`~lmforge.model.heads.SequenceClassifier` on a trunk and trains it (the :class:`Sentiment` objective);
 ``lmforge classify CKPT "text"`` labels texts. Scores: accuracy, macro-F1, per-class precision,
 recall and F1, and the confusion matrix (``confusion.png`` in the run directory).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,19 +19,15 @@ import torch.nn.functional as F
 from lmforge.config import Config
 from lmforge.errors import LMForgeError
 from lmforge.model.heads import SequenceClassifier, Special, pad_batch
-from lmforge.tasks.head_trainer import (HeadTask, build_task_model, load_task_checkpoint, prepare_run,
-                                        seed_everything, train_head, write_report)
+from lmforge.tasks.head import HeadObjective, load_head_checkpoint, to_device
 
 NAME = "sentiment"
-RECIPE = "sentiment-minilm"
-SOURCE_KEY, TARGET_KEY = "text", "label"
-METRICS = ("accuracy", "macro_f1")
 
 
 # ------------------------------------------------------------------------------------------------ data
 
 
-def read_labelled(path: str | Path, text_key: str = SOURCE_KEY, label_key: str = TARGET_KEY,
+def read_labelled(path: str | Path, text_key: str = "text", label_key: str = "label",
                   with_labels: bool = True) -> list[tuple[str, str | None, int]]:
     """(text, label, line number) rows of a TSV file with a header row. Unquoted fields, split on tabs."""
     p = Path(path)
@@ -155,19 +151,6 @@ def plot_confusion(scores: dict[str, Any], path: str | Path, title: str = "confu
 # ---------------------------------------------------------------------------------------------- the task
 
 
-def _collate(pad: int) -> Callable[[list[dict]], dict]:
-    def collate(examples: list[dict]) -> dict:
-        ids, mask = pad_batch([e["ids"] for e in examples], pad)
-        return {"ids": ids, "mask": mask, "labels": torch.tensor([e["label"] for e in examples]),
-                "examples": examples}
-    return collate
-
-
-def _loss(model, batch) -> tuple[torch.Tensor, int]:
-    logits = model(batch["ids"], batch["mask"])
-    return F.cross_entropy(logits, batch["labels"], reduction="sum"), len(batch["examples"])
-
-
 @torch.no_grad()
 def predict_ids(model, examples: list[dict], pad: int, batch_size: int = 64) -> torch.Tensor:
     """Probabilities [N, n_labels], in the order of ``examples`` (batched by length for speed)."""
@@ -181,70 +164,65 @@ def predict_ids(model, examples: list[dict], pad: int, batch_size: int = 64) -> 
     return out
 
 
-def sentiment_task(tokenizer, cfg: Config) -> HeadTask:
-    pad = Special.from_tokenizer(tokenizer).pad
-    labels = cfg.task.labels
-
-    def build(trunk, cfg):
-        return SequenceClassifier(trunk, len(cfg.task.labels), cfg.task.pooling, dropout=0.1)
-
-    def evaluate(model, examples):
-        probs = predict_ids(model, examples, pad)
-        return classification_scores([e["label"] for e in examples], probs.argmax(-1).tolist(), labels)
-
-    return HeadTask(build=build, collate=_collate(pad), loss=_loss, evaluate=evaluate)
+def build_classifier(trunk, cfg: Config) -> SequenceClassifier:
+    return SequenceClassifier(trunk, len(cfg.task.labels), cfg.task.pooling, dropout=0.1)
 
 
-def finetune_sentiment(cfg: Config, resume: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train a classifier on task.train_file (TSV), score it on task.valid_file; returns the summary."""
-    from tqdm import tqdm
+class Sentiment(HeadObjective):
+    """A label per text (TSV text/label): cross-entropy of the label; accuracy and macro-F1."""
 
-    from lmforge.tokenizer import Tokenizer
+    def head(self, trunk, cfg: Config):
+        return build_classifier(trunk, cfg)
 
-    say = say or (lambda m: tqdm.write(m, file=sys.stderr))  # stdout keeps the JSON summary
-    task = cfg.task
-    if not task.train_file:
-        raise LMForgeError("no training examples; pass --train FILE (TSV with columns text and label)")
-    train_rows = read_labelled(task.train_file, task.source_key, task.target_key)
-    valid_rows = read_labelled(task.valid_file, task.source_key, task.target_key) if task.valid_file else None
-    trunk, tok_path, state, _ = prepare_run(cfg, NAME, resume, say)
-    if not resume:
-        task.labels = label_names(train_rows)
-    tokenizer = Tokenizer.load(tok_path)
-    head = sentiment_task(tokenizer, cfg)
-    seed_everything(cfg.train.seed)
-    model = build_task_model(head, cfg, trunk)
-    if state is not None:
-        from lmforge.train import checkpoint as ckpt_io
+    def read(self, cfg: Config) -> None:
+        task = cfg.task
+        if not task.train_file:
+            raise LMForgeError("no training examples; pass --train FILE (TSV with columns text and label)")
+        self.train_rows = read_labelled(task.train_file, task.source_key, task.target_key)
+        self.valid_rows = read_labelled(task.valid_file, task.source_key, task.target_key) if task.valid_file else None
 
-        ckpt_io.load_weights(model, ckpt_io.latest_checkpoint(cfg.train.out_dir))
-    max_len = min(task.max_source_len, cfg.model.block_size)
-    train_ex = make_examples(train_rows, tokenizer, task.labels, max_len, task.train_file)
-    valid_ex = make_examples(valid_rows, tokenizer, task.labels, max_len, task.valid_file) if valid_rows else None
-    say(f"labels: {', '.join(task.labels)}; train {len(train_ex):,}, valid {len(valid_ex or []):,}")
-    summary = train_head(cfg, head, model, train_ex, valid_ex, tok_path, state, say)
-    if valid_ex:
+    def fill_labels(self, cfg: Config) -> None:
+        cfg.task.labels = label_names(self.train_rows)
+
+    def examples(self, tokenizer):
+        cfg = self.run.cfg
+        task = cfg.task
+        self.pad = Special.from_tokenizer(tokenizer).pad
+        max_len = min(task.max_source_len, cfg.model.block_size)
+        train = make_examples(self.train_rows, tokenizer, task.labels, max_len, task.train_file)
+        valid = make_examples(self.valid_rows, tokenizer, task.labels, max_len, task.valid_file) if self.valid_rows else None
+        self.run.say(f"labels: {', '.join(task.labels)}; train {len(train):,}, valid {len(valid or []):,}")
+        return train, valid
+
+    def collate(self, examples: list[dict]) -> dict:
+        ids, mask = pad_batch([e["ids"] for e in examples], self.pad)
+        return {"ids": ids, "mask": mask, "labels": torch.tensor([e["label"] for e in examples]),
+                "examples": examples, "count": len(examples)}
+
+    def loss(self, model, batch) -> torch.Tensor:
+        batch = to_device(batch, self.run.device)
+        return F.cross_entropy(model(batch["ids"], batch["mask"]).float(), batch["labels"], reduction="sum")
+
+    def scores(self, model, valid: list[dict]) -> dict[str, Any]:
+        probs = predict_ids(model, valid, self.pad)
+        return classification_scores([e["label"] for e in valid], probs.argmax(-1).tolist(), self.run.cfg.task.labels)
+
+    def final_report(self, model, summary: dict[str, Any]) -> None:
         import time
 
-        model.eval()
+        run, task = self.run, self.run.cfg.task
         start = time.perf_counter()
-        probs = predict_ids(model, valid_ex, head_pad(tokenizer))
+        probs = predict_ids(model, self.valid, self.pad)
         seconds = time.perf_counter() - start
-        scores = classification_scores([e["label"] for e in valid_ex], probs.argmax(-1).tolist(), task.labels)
-        scores["examples_per_second"] = len(valid_ex) / max(seconds, 1e-9)
+        scores = classification_scores([e["label"] for e in self.valid], probs.argmax(-1).tolist(), task.labels)
+        scores["examples_per_second"] = len(self.valid) / max(seconds, 1e-9)
         summary["valid"] = scores
-        say(format_scores(scores))
+        run.say(format_scores(scores))
         try:
-            summary["confusion_png"] = str(plot_confusion(scores, Path(cfg.train.out_dir) / "confusion.png",
+            summary["confusion_png"] = str(plot_confusion(scores, run.out_dir / "confusion.png",
                                                           f"{Path(task.valid_file).name}: confusion matrix"))
         except Exception as e:  # a missing plot must not lose a finished run
-            say(f"could not draw the confusion matrix: {e}")
-    write_report(cfg.train.out_dir, summary)
-    return summary
-
-
-def head_pad(tokenizer) -> int:
-    return Special.from_tokenizer(tokenizer).pad
+            run.say(f"could not draw the confusion matrix: {e}")
 
 
 # -------------------------------------------------------------------------------------------- inference
@@ -254,7 +232,7 @@ class Classifier:
     """A trained classifier: texts in, (label, {label: probability}) out."""
 
     def __init__(self, path: str | Path, device: str = "cpu"):
-        self.model, self.cfg, self.tokenizer = load_task_checkpoint(path, _DeferredTask(), NAME, device)
+        self.model, self.cfg, self.tokenizer = load_head_checkpoint(path, NAME, device)
         self.labels = self.cfg.task.labels
         self.max_len = min(self.cfg.task.max_source_len, self.cfg.model.block_size)
 
@@ -263,20 +241,12 @@ class Classifier:
             if not t.strip():
                 raise LMForgeError(f"input {i + 1} is empty; give a non-empty text")
         examples = [{"ids": ids} for ids in encode(self.tokenizer, texts, self.max_len)]
-        probs = predict_ids(self.model, examples, head_pad(self.tokenizer), batch_size)
+        probs = predict_ids(self.model, examples, Special.from_tokenizer(self.tokenizer).pad, batch_size)
         out = []
         for row in probs.tolist():
             best = max(range(len(row)), key=row.__getitem__)
             out.append((self.labels[best], dict(zip(self.labels, row))))
         return out
-
-
-class _DeferredTask:
-    """The sentiment HeadTask for loading: only ``build`` is needed."""
-
-    @staticmethod
-    def build(trunk, cfg):
-        return SequenceClassifier(trunk, len(cfg.task.labels), cfg.task.pooling, dropout=0.1)
 
 
 def print_predictions(texts: list[str], results, file=None, as_json: bool = False) -> None:

@@ -17,10 +17,9 @@ CoNLL-U Plus files; ``lmforge srl CKPT "sentence"`` labels raw sentences end to 
 from __future__ import annotations
 
 import re
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -30,13 +29,10 @@ from lmforge.config import Config
 from lmforge.errors import LMForgeError
 from lmforge.model.heads import (IGNORE_INDEX, Special, TokenClassifier, align_words, first_subword_labels,
                                  first_subword_positions, pad_batch, pad_labels, token_loss)
-from lmforge.tasks.head_trainer import (HeadTask, build_task_model, load_task_checkpoint, prepare_run,
-                                        seed_everything, train_head, write_report)
+from lmforge.tasks.head import HeadObjective, load_head_checkpoint, to_device
 from lmforge.tasks.srl_data import NONE, Sentence, format_score, read_conllu, score, write_conllu
 
 NAME = "srl"
-RECIPE = "srl-tiny"
-METRICS = ("f1",)
 #: the role label of a word that is no argument (the file's ``_``)
 O = NONE
 
@@ -52,10 +48,19 @@ class SRLModel(nn.Module):
         self.predicate = nn.Linear(d, 2)
         self.sense = nn.Linear(d, n_senses) if n_senses else None
 
-    def forward(self, ids, mask, indicator):
-        """(hidden [B, T, d], role logits [B, T, n_roles], predicate logits [B, T, 2])."""
+    def forward(self, ids, mask, indicator, sense_pos=None):
+        """(hidden [B, T, d], role logits [B, T, n_roles], predicate logits [B, T, 2]); with
+        ``sense_pos`` [B] (the predicate's first token, -1 for none) also the sense logits of the
+        rows that have one [R, n_senses] (None without a sense head)."""
         h = self.tagger.states(ids, mask, indicator)
-        return h, self.tagger.classifier(h).float(), self.predicate(h).float()
+        out = (h, self.tagger.classifier(h).float(), self.predicate(h).float())
+        if sense_pos is None:
+            return out
+        sense = None
+        if self.sense is not None:
+            rows = (sense_pos >= 0).nonzero().squeeze(-1)
+            sense = self.sense(h[rows, sense_pos[rows]]).float()
+        return out + (sense,)
 
 
 # ---------------------------------------------------------------------------------------- examples
@@ -123,8 +128,11 @@ class Encoder:
         roles = pad_labels([e.get("roles", []) for e in examples], T)
         pid = pad_labels([e.get("pid", []) for e in examples], T)
         sense = torch.tensor([e.get("sense", IGNORE_INDEX) for e in examples], dtype=torch.long)
+        count = int((roles != IGNORE_INDEX).sum() + (pid != IGNORE_INDEX).sum())
+        if self.senses:  # the items the loss sums over, known before the forward pass
+            count += int((sense[sense_pos >= 0] != IGNORE_INDEX).sum())
         return {"ids": ids, "mask": mask, "indicator": indicator, "roles": roles, "pid": pid,
-                "sense_pos": sense_pos, "sense": sense, "examples": examples}
+                "sense_pos": sense_pos, "sense": sense, "examples": examples, "count": count}
 
 
 def role_inventory(sentences: list[Sentence]) -> tuple[list[str], list[str]]:
@@ -137,20 +145,6 @@ def role_inventory(sentences: list[Sentence]) -> tuple[list[str], list[str]]:
             senses.update(sense_number(x) for x in s.senses)
     roles.discard(O)
     return [O] + sorted(roles), sorted(senses)
-
-
-def _loss(model: SRLModel, batch: dict) -> tuple[torch.Tensor, int]:
-    h, role_logits, pid_logits = model(batch["ids"], batch["mask"], batch["indicator"])
-    loss = token_loss(role_logits, batch["roles"], "sum") + token_loss(pid_logits, batch["pid"], "sum")
-    count = int((batch["roles"] != IGNORE_INDEX).sum() + (batch["pid"] != IGNORE_INDEX).sum())
-    if model.sense is not None:
-        rows = (batch["sense_pos"] >= 0).nonzero().squeeze(-1)
-        if len(rows):
-            states = h[rows, batch["sense_pos"][rows]]
-            loss = loss + F.cross_entropy(model.sense(states).float(), batch["sense"][rows],
-                                          ignore_index=IGNORE_INDEX, reduction="sum")
-            count += int((batch["sense"][rows] != IGNORE_INDEX).sum())
-    return loss, count
 
 
 # --------------------------------------------------------------------------------------------- predict
@@ -245,7 +239,7 @@ def evaluate_sentences(labeller: Labeller, gold: list[Sentence]) -> dict[str, An
 # ----------------------------------------------------------------------------------------------- train
 
 
-def _build(trunk, cfg: Config) -> SRLModel:
+def build_srl_model(trunk, cfg: Config) -> SRLModel:
     return SRLModel(trunk, len(cfg.task.labels), len(cfg.task.senses), dropout=0.1)
 
 
@@ -253,9 +247,52 @@ def _max_len(cfg: Config) -> int:
     return min(cfg.task.max_source_len, cfg.model.block_size)
 
 
-def srl_task(encoder: Encoder) -> HeadTask:
-    def evaluate(model, sentences):
-        labeller = Labeller(model, encoder)
+class SemanticRoles(HeadObjective):
+    """Predicates, senses and roles from CoNLL-U Plus files: the summed cross-entropy of every
+    labelled token (roles, predicate or not) and sense; scored as argument F1 with gold predicates."""
+
+    def head(self, trunk, cfg: Config):
+        return build_srl_model(trunk, cfg)
+
+    def read(self, cfg: Config) -> None:
+        task = cfg.task
+        if not task.train_file:
+            raise LMForgeError("no training sentences; pass --train FILE.conllu (CoNLL-U Plus, Universal PropBank format)")
+        self.train_sentences = read_conllu(task.train_file)
+        self.valid_sentences = read_conllu(task.valid_file) if task.valid_file else None
+
+    def fill_labels(self, cfg: Config) -> None:
+        cfg.task.labels, cfg.task.senses = role_inventory(self.train_sentences)
+        cfg.task.pooling = "auto"
+
+    def examples(self, tokenizer):
+        cfg = self.run.cfg
+        task = cfg.task
+        self.encoder = Encoder(tokenizer, task.labels, task.senses, _max_len(cfg))
+        skipped = sum(not s.annotated for s in self.train_sentences)
+        train = [e for s in self.train_sentences if s.annotated for e in self.encoder.sentence_examples(s)]
+        for s in self.valid_sentences or []:  # unknown labels in the validation file are reported before training
+            if s.annotated:
+                self.encoder.sentence_examples(s)
+        self.run.say(f"srl: {len(task.labels) - 1} role labels, {len(task.senses)} sense numbers; "
+                     f"{len(self.train_sentences) - skipped:,} training sentences ({skipped} not annotated, left out), "
+                     f"{len(train):,} examples")
+        return train, self.valid_sentences
+
+    def collate(self, examples: list[dict]) -> dict:
+        return self.encoder.collate(examples)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        b = to_device(batch, self.run.device)
+        _, role_logits, pid_logits, sense_logits = model(b["ids"], b["mask"], b["indicator"], b["sense_pos"])
+        loss = token_loss(role_logits, b["roles"], "sum") + token_loss(pid_logits, b["pid"], "sum")
+        if sense_logits is not None:
+            loss = loss + F.cross_entropy(sense_logits, b["sense"][b["sense_pos"] >= 0], ignore_index=IGNORE_INDEX,
+                                          reduction="sum")
+        return loss
+
+    def scores(self, model, sentences) -> dict[str, Any]:
+        labeller = Labeller(model, self.encoder)
         gold = [s for s in sentences if s.annotated]
         out = score(gold, labeller.label(gold, [s.predicates for s in gold]))
         found = labeller.find_predicates(gold)
@@ -266,56 +303,18 @@ def srl_task(encoder: Encoder) -> HeadTask:
         return {"f1": out["arguments"]["f1"], "precision": out["arguments"]["precision"],
                 "recall": out["arguments"]["recall"], "predicate_f1": pf1, "sense_f1": out["senses"]["f1"]}
 
-    return HeadTask(build=_build, collate=encoder.collate, loss=_loss, evaluate=evaluate)
-
-
-def finetune_srl(cfg: Config, resume: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train on task.train_file (CoNLL-U Plus), score task.valid_file with gold and predicted predicates."""
-    from tqdm import tqdm
-
-    from lmforge.tokenizer import Tokenizer
-    from lmforge.train import checkpoint as ckpt_io
-
-    say = say or (lambda m: tqdm.write(m, file=sys.stderr))  # stdout keeps the JSON summary
-    task = cfg.task
-    if not task.train_file:
-        raise LMForgeError("no training sentences; pass --train FILE.conllu (CoNLL-U Plus, Universal PropBank format)")
-    train_s = read_conllu(task.train_file)
-    valid_s = read_conllu(task.valid_file) if task.valid_file else None
-    trunk, tok_path, state, _ = prepare_run(cfg, NAME, resume, say)
-    if not resume:
-        task.labels, task.senses = role_inventory(train_s)
-        if task.pooling != "auto":
-            task.pooling = "auto"
-    tokenizer = Tokenizer.load(tok_path)
-    encoder = Encoder(tokenizer, task.labels, task.senses, _max_len(cfg))
-    head = srl_task(encoder)
-    seed_everything(cfg.train.seed)
-    model = build_task_model(head, cfg, trunk)
-    if state is not None:
-        ckpt_io.load_weights(model, ckpt_io.latest_checkpoint(cfg.train.out_dir))
-    skipped = sum(not s.annotated for s in train_s)
-    train_ex = [e for s in train_s if s.annotated for e in encoder.sentence_examples(s)]
-    for s in valid_s or []:  # unknown labels in the validation file are reported before training
-        if s.annotated:
-            encoder.sentence_examples(s)
-    say(f"srl: {len(task.labels) - 1} role labels, {len(task.senses)} sense numbers; {len(train_s) - skipped:,} "
-        f"training sentences ({skipped} not annotated, left out), {len(train_ex):,} examples")
-    summary = train_head(cfg, head, model, train_ex, valid_s, tok_path, state, say)
-    if valid_s:
-        model.eval()
-        result = evaluate_sentences(Labeller(model, encoder), valid_s)
-        write_conllu(result.pop("predictions"), Path(cfg.train.out_dir) / "valid.pred.conllu")
+    def final_report(self, model, summary: dict[str, Any]) -> None:
+        run = self.run
+        result = evaluate_sentences(Labeller(model, self.encoder), self.valid)
+        write_conllu(result.pop("predictions"), run.out_dir / "valid.pred.conllu")
         summary["valid"] = {"f1_gold_predicates": result["gold_predicates"]["arguments"]["f1"],
                             "f1_end_to_end": result["end_to_end"]["arguments"]["f1"],
                             "predicate_f1": result["end_to_end"]["predicates"]["f1"],
                             "sense_f1_gold_predicates": result["gold_predicates"]["senses"]["f1"],
                             "sentences_per_second_end_to_end": result["sentences_per_second_end_to_end"]}
         summary["valid_scores"] = result
-        say(format_score(result["gold_predicates"], "valid, gold predicates:"))
-        say(format_score(result["end_to_end"], "valid, predicted predicates:"))
-    write_report(cfg.train.out_dir, summary)
-    return summary
+        run.say(format_score(result["gold_predicates"], "valid, gold predicates:"))
+        run.say(format_score(result["end_to_end"], "valid, predicted predicates:"))
 
 
 # ------------------------------------------------------------------------------------------- inference
@@ -338,10 +337,7 @@ def sentence_from_text(text: str, number: int = 1) -> Sentence:
 
 
 def load_labeller(path: str | Path, device: str = "cpu") -> tuple[Labeller, Config]:
-    class _Task:
-        build = staticmethod(_build)
-
-    model, cfg, tokenizer = load_task_checkpoint(path, _Task(), NAME, device)
+    model, cfg, tokenizer = load_head_checkpoint(path, NAME, device)
     return Labeller(model, Encoder(tokenizer, cfg.task.labels, cfg.task.senses, _max_len(cfg))), cfg
 
 

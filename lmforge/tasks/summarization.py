@@ -14,9 +14,6 @@ from lmforge.tasks.metrics import lead_sentence, lead_words, rouge
 from lmforge.tasks.model import Decoding, TaskModel, load_task_model
 
 NAME = "summarization"
-RECIPE = "summarization-bbc"
-SOURCE_KEY, TARGET_KEY = "document", "summary"
-METRICS = ("rouge1", "rouge2", "rougeL")
 
 
 def summarize(task_model: TaskModel, documents: Sequence[str], decoding: Decoding | None = None,

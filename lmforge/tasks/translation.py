@@ -13,9 +13,6 @@ from typing import Sequence
 from lmforge.tasks.model import Decoding, TaskModel, load_task_model
 
 NAME = "translation"
-RECIPE = "translation-bible"
-SOURCE_KEY, TARGET_KEY = "source", "target"
-METRICS = ("bleu", "chrf")
 
 
 def translate(task_model: TaskModel, texts: Sequence[str], decoding: Decoding | None = None,

@@ -26,8 +26,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmforge.config import Config
+from lmforge.config import Config, ModelConfig
+from lmforge.errors import LMForgeError
 from lmforge.train.distributed import World
+
+#: model settings that may change on resume or init_from without changing any weight's shape
+FREE_MODEL_KEYS = ("preset", "dropout", "init_std")
 
 
 def say_stderr(message: str) -> None:
@@ -56,6 +60,23 @@ class Run:
     say: Callable[[str], None] = say_stderr
     #: filled by the objective: names of parameters a warm start did not fill (train.fresh_lr_scale)
     fresh: list[str] = field(default_factory=list)
+
+
+def check_same_model(ckpt: Path, cfg: Config, what: str) -> None:
+    """Refuse a checkpoint of another task, or whose weights cannot be ``cfg.model``'s."""
+    from dataclasses import fields
+
+    from lmforge.train import checkpoint as ckpt_io
+
+    saved = ckpt_io.read_config(ckpt)
+    diffs = [f"model.{f.name}: {getattr(saved.model, f.name)!r} in the checkpoint, {getattr(cfg.model, f.name)!r} now"
+             for f in fields(ModelConfig)
+             if f.name not in FREE_MODEL_KEYS and getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+    if saved.task.name != cfg.task.name:
+        diffs.insert(0, f"task {saved.task.name!r} in the checkpoint, {cfg.task.name!r} now")
+    if diffs:
+        raise LMForgeError(f"cannot {what} {ckpt}: {'; '.join(diffs)}; "
+                           f"use the recipe and model settings of {ckpt / ckpt_io.CONFIG}, or a new train.out_dir")
 
 
 def rank_share(rows: list, world: World) -> list:

@@ -53,3 +53,26 @@ def plot_run(run_dir: str | Path) -> Path:
     out = run_dir / "loss.png"
     fig.savefig(out)
     return out
+
+
+def plot_metric(run_dir: str | Path, key: str) -> Path:
+    """``run_dir/<metric>.png``: a validation metric (``val_<metric>`` in metrics.jsonl) against the step."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    points = [(r["step"], r[key]) for r in read_metrics(run_dir) if r.get(key) is not None]
+    if not points:
+        raise LMForgeError(f"{run_dir / 'metrics.jsonl'} holds no {key} values yet; evaluate at least once")
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(*zip(*points), marker="o", markersize=3, linewidth=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key.removeprefix("val_"))
+    ax.set_title(f"{run_dir.name}: validation {key.removeprefix('val_')}")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out = run_dir / f"{key.removeprefix('val_')}.png"
+    fig.savefig(out)
+    return out

@@ -379,7 +379,7 @@ def _fit(cfg: Config, objective: Objective, resume: bool, world: World, device: 
         "task": cfg.task.name, "steps": step, "train_loss": last_loss, **(val or {}),
         per_second: statistics.median(speeds) if speeds else None,
         "mfu": statistics.median(utilisations) if utilisations else None,
-        "wall_time": wall_time, "num_params": num_params, "world_size": world.world_size, "strategy": strategy,
+        "wall_time": wall_time, "train_seconds": wall_time, "num_params": num_params, "world_size": world.world_size, "strategy": strategy,
         "dtype": hardware.dtype_name(amp_dtype), "stopped_early": stopped_early,
         "checkpoint": str(checkpoint_path) if checkpoint_path else None,
     }

@@ -27,6 +27,8 @@ from typing import Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.padding import pad_batch
+
 
 class DecodeState(Protocol):
     def first(self) -> torch.Tensor: ...
@@ -48,12 +50,7 @@ class Seq2SeqState:
 
     def __init__(self, model, sources: Sequence[list[int]], bos_id: int, pad_id: int, max_len: int):
         device = model.tok_emb.weight.device
-        width = max(len(s) for s in sources)
-        src = torch.full((len(sources), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sources), width), dtype=torch.bool)
-        for i, s in enumerate(sources):
-            src[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, : len(s)] = True
+        src, mask = pad_batch(sources, pad_id)
         self.model, self.bos_id = model, bos_id
         self.mask, self.src = mask.to(device), src.to(device)
         self.memory = model.project_memory(model.encode(self.src, self.mask))
@@ -79,12 +76,8 @@ class DecoderOnlyState:
 
     def __init__(self, model, prompts: Sequence[list[int]], pad_id: int, max_len: int):
         device = model.tok_emb.weight.device
-        width = max(len(p) for p in prompts)
-        idx = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            idx[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p):] = True
+        idx, mask = pad_batch(prompts, pad_id, left=True)
+        width = idx.size(1)
         self.model, self.idx = model, idx.to(device)
         self.mask = mask.to(device)
         self.next_pos = self.mask.long().sum(dim=1)

@@ -18,6 +18,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.padding import pad_batch
 from lmforge.errors import LMForgeError
 
 # ----------------------------------------------------------------------------------------------
@@ -115,12 +116,8 @@ def _prefill(model, windows: list[list[int]], max_len: int, device):
     """Run left-padded windows through the model into a fresh cache; return the last logits,
     the cache, the attention mask (None when no row is padded: attention then takes its
     unmasked fast path) and each row's next position."""
-    B, width = len(windows), max(len(w) for w in windows)
-    idx = torch.zeros(B, width, dtype=torch.long)
-    mask = torch.zeros(B, width, dtype=torch.bool)
-    for row, window in enumerate(windows):
-        idx[row, width - len(window):] = torch.tensor(window, dtype=torch.long)
-        mask[row, width - len(window):] = True
+    idx, mask = pad_batch(windows, 0, left=True)
+    B, width = idx.shape
     idx, mask = idx.to(device), mask.to(device)
     positions = (mask.long().cumsum(dim=1) - 1).clamp(min=0)
     cache = model.new_cache(B, max_len)
@@ -229,16 +226,14 @@ def generate_text(
     tokenizer: _Tokenizer,
     prompts: list[str],
     max_new_tokens: int = 200,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    greedy: bool = False,
-    generator: torch.Generator | None = None,
+    *,
     stream: Callable[[int, str], None] | None = None,
+    **sampling,
 ) -> list[str]:
     """Encode the prompts, ``generate``, decode the new tokens; stops at the tokenizer's end-of-text.
 
+    ``sampling`` holds ``generate``'s keywords for choosing tokens (``temperature``, ``top_k``,
+    ``top_p``, ``repetition_penalty``, ``greedy``, ``generator``), with the same defaults.
     An empty prompt starts from the end-of-text token (unconditional sampling). ``stream(row, text)``
     receives printable pieces of each row's continuation as they are produced (never half a
     UTF-8 character).
@@ -262,41 +257,10 @@ def generate_text(
             if piece:
                 stream(row, piece)
 
-    new_tokens = generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                          top_p=top_p, repetition_penalty=repetition_penalty, greedy=greedy, eot_id=eot_id,
-                          generator=generator, on_token=on_token)
+    new_tokens = generate(model, ids, max_new_tokens=max_new_tokens, eot_id=eot_id, on_token=on_token, **sampling)
     if stream is not None:
         for row, decoder in enumerate(decoders):
             tail = decoder.flush()
             if tail:
                 stream(row, tail)
     return [tokenizer.decode(t) for t in new_tokens]
-
-
-# ----------------------------------------------------------------------------------------------
-# Faster CPU decoding
-
-
-def quantize_int8(model):
-    """A copy of ``model`` for fast decoding on CPUs: every ``nn.Linear`` (the output head included)
-    becomes PyTorch's dynamically quantized int8 linear layer, with int8 weights per output channel
-    and activations quantized on the fly at each call (fbgemm / x86 kernels).
-
-    Decoding is bound by reading the weights, and int8 weights are a quarter of float32's bytes:
-    on a CPU without fast bf16 matmuls this is the fastest way to sample. Outputs are close to
-    float32's but not equal, so greedy continuations can differ; embeddings stay float32.
-    """
-    import warnings
-
-    import torch.nn as nn
-
-    try:
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-    except ImportError:
-        raise LMForgeError("this PyTorch build has no dynamic int8 quantization; decode in float32 instead") from None
-    if next(model.parameters()).device.type != "cpu":
-        raise LMForgeError("int8 quantization runs on the CPU only; move the model to the CPU or keep float32 on GPUs")
-    with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
-        warnings.simplefilter("ignore")
-        quantized = quantize_dynamic(model.float().eval(), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-    return quantized
