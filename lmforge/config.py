@@ -255,7 +255,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     #: device: auto, cpu, cuda, cuda:N, mps
     device: str = "auto"
-    #: compute dtype: auto (bf16 on GPUs that have it, float32 on CPU), float32, bfloat16
+    #: compute dtype: auto (bf16 on GPUs that have it and on CPUs measured faster in bf16, else float32; kept on resume), float32, bfloat16
     dtype: str = "auto"
     #: wrap the model in torch.compile
     compile: bool = False
@@ -356,6 +356,8 @@ class TaskConfig:
     #: sentiment: how one vector is drawn from the token states: first, mean, last, or auto
     #: (last for a causal decoder, mean for an encoder)
     pooling: str = "auto"
+    #: sentiment/srl: dropout on the trunk's states before the task head
+    head_dropout: float = 0.1
     #: sentiment/srl: full (train every weight), frozen (train the head only) or lora (head + low-rank adapters)
     tuning: str = "full"
     #: lora: rank of the adapters on the attention and feed-forward weights
@@ -371,6 +373,8 @@ class TaskConfig:
         _check_choice("task.tuning", self.tuning, ("full", "frozen", "lora"))
         if self.lora_rank < 1:
             raise LMForgeError(f"task.lora_rank must be at least 1, got {self.lora_rank}")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise LMForgeError(f"task.head_dropout must be in [0, 1), got {self.head_dropout}")
         _check_choice("task.overlong", self.overlong, ("truncate", "skip"))
         _check_choice("task.metric", self.metric, ("bleu", "chrf", "rouge1", "rouge2", "rougeL", "accuracy", "macro_f1", "f1"))
         for name in ("max_source_len", "max_target_len", "batch_tokens", "beam_size", "eval_beam_size"):

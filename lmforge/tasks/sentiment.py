@@ -165,7 +165,7 @@ def predict_ids(model, examples: list[dict], pad: int, batch_size: int = 64) -> 
 
 
 def build_classifier(trunk, cfg: Config) -> SequenceClassifier:
-    return SequenceClassifier(trunk, len(cfg.task.labels), cfg.task.pooling, dropout=0.1)
+    return SequenceClassifier(trunk, len(cfg.task.labels), cfg.task.pooling, dropout=cfg.task.head_dropout)
 
 
 class Sentiment(HeadObjective):

@@ -240,7 +240,7 @@ def evaluate_sentences(labeller: Labeller, gold: list[Sentence]) -> dict[str, An
 
 
 def build_srl_model(trunk, cfg: Config) -> SRLModel:
-    return SRLModel(trunk, len(cfg.task.labels), len(cfg.task.senses), dropout=0.1)
+    return SRLModel(trunk, len(cfg.task.labels), len(cfg.task.senses), dropout=cfg.task.head_dropout)
 
 
 def _max_len(cfg: Config) -> int:
