@@ -67,14 +67,17 @@ def seconds_per_step(cfg, steps: int = 8) -> float:
     fmt = TaskFormat(mcfg.arch, SpecialIds.from_tokenizer(tokenizer, cfg.task.source_prefix))
     data = TaskData.load(cfg.task.train_file, tokenizer, fmt, cfg)
     batcher = TokenBatcher(data.lengths, cfg.task.batch_tokens, seed=cfg.train.seed)
+    from lmforge.hardware import resolve_dtype
+
     model = build_model(mcfg)
     optimizer = build_optimizer(model, cfg.train, "cpu")
+    dtype = resolve_dtype(cfg.train.dtype, torch.device("cpu"))
     times = []
     for _ in range(steps + 1):
         t = time.perf_counter()
         batches = [data.batch(fmt, batcher.next_batch()) for _ in range(cfg.train.grad_accum)]
         accumulate_gradients(model, batches, functools.partial(pair_loss, label_smoothing=cfg.task.label_smoothing),
-                             pair_count)
+                             pair_count, dtype=dtype)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
@@ -82,14 +85,16 @@ def seconds_per_step(cfg, steps: int = 8) -> float:
     return statistics.median(times[1:])
 
 
-def budget_config(recipe: str, minutes: float, work: Path, overrides: list[str]):
-    """The recipe, trained for ``minutes`` into work/<recipe>, with the schedule fitted to the budget."""
+def budget_config(recipe: str, minutes: float, work: Path, overrides: list[str], dtype: str = "auto"):
+    """The recipe, trained for ``minutes`` in ``dtype`` into work/<recipe>-<dtype>, with the schedule fitted
+    to the budget."""
     from lmforge.config import load_config
 
-    shutil.rmtree(work / recipe, ignore_errors=True)  # a fresh run each time
-    cfg = load_config(recipe, [f"--train.out_dir={work / recipe}", "--train.progress=false",
+    out = work / f"{recipe}-{dtype}"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run each time
+    cfg = load_config(recipe, [f"--train.out_dir={out}", "--train.progress=false",
                                "--train.tensorboard=false", "--train.eval_interval=0", "--train.ckpt_interval=0",
-                               "--train.device=cpu", "--train.dtype=float32", *overrides])
+                               "--train.device=cpu", f"--train.dtype={dtype}", *overrides])
     cfg.task.train_file = str(SHARED_DATA / "mt" / "bible_en_es.train.tsv")
     cfg.task.valid_file = str(SHARED_DATA / "mt" / "bible_en_es.valid.tsv")
     seconds = fit_schedule(cfg, minutes)
@@ -109,24 +114,24 @@ def fit_schedule(cfg, minutes: float) -> float:
 
 
 def run_design(design: str, minutes: float, beam_size: int, no_repeat: int, work: Path, overrides: list[str],
-               decode_only: bool = False) -> dict:
+               decode_only: bool = False, dtype: str = "auto") -> dict:
     """Train one design (unless ``decode_only``: reuse the run in work/) and decode the validation set."""
     import json
 
     from lmforge.tasks.model import Decoding, load_task_model
     from lmforge.tasks.seq2seq import TaskData, finetune, score_examples
 
-    run_dir = work / RECIPES[design]
+    run_dir = work / f"{RECIPES[design]}-{dtype}"
     if decode_only:
         summary = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
         calibrated = None
     else:
-        cfg, calibrated = budget_config(RECIPES[design], minutes, work, overrides)
+        cfg, calibrated = budget_config(RECIPES[design], minutes, work, overrides, dtype)
         summary = finetune(cfg)
     task_model = load_task_model(summary["checkpoint"])
     task = task_model.cfg.task
     valid = TaskData.load(task.valid_file, task_model.tokenizer, task_model.fmt, task_model.cfg)
-    row = {"design": design, "recipe": RECIPES[design], "params": summary["num_params"], "steps": summary["steps"],
+    row = {"design": design, "dtype": summary.get("dtype", dtype), "recipe": RECIPES[design], "params": summary["num_params"], "steps": summary["steps"],
            "train_minutes": summary["train_seconds"] / 60, "seconds_per_step_calibrated": calibrated,
            "train_tokens_per_second": summary["tokens_per_second"], "val_nll": summary["val_nll"],
            "run_dir": str(run_dir)}
@@ -157,6 +162,8 @@ def main() -> None:
     parser.add_argument("--parallel", action="store_true",
                         help="train the designs at the same time, one process each with --threads threads "
                              "(on 2 cores with --threads 1: each design gets one core for the whole budget)")
+    parser.add_argument("--dtypes", nargs="+", default=["auto"], choices=["auto", "float32", "bfloat16"],
+                        help="train.dtype of each run; several compare them side by side (default: auto)")
     parser.add_argument("--beam", type=int, default=4, help="beam size compared with greedy (default: 4)")
     parser.add_argument("--no-repeat", type=int, default=3,
                         help="also decode with the beam and this no_repeat_ngram_size (default: 3; 0 = skip)")
@@ -173,7 +180,8 @@ def main() -> None:
     work = Path(args.work)
     designs = [args.only] if args.only else ["seq2seq", "decoder"]
     overrides = SIZES[args.size] + args.overrides + extra
-    jobs = [(d, args.minutes, args.beam, args.no_repeat, work, overrides, args.decode_only) for d in designs]
+    jobs = [(d, args.minutes, args.beam, args.no_repeat, work, overrides, args.decode_only, dtype)
+            for d in designs for dtype in args.dtypes]
     if args.parallel:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -184,15 +192,20 @@ def main() -> None:
     else:
         rows = [run_design(*job) for job in jobs]
     searches = ["greedy", f"beam{args.beam}"] + ([f"beam{args.beam}_norep{args.no_repeat}"] if args.no_repeat else [])
-    print_table(rows, ["design", "params", "steps", "train_minutes", "train_tokens_per_second", "val_nll"])
+    print_table(rows, ["design", "dtype", "params", "steps", "train_minutes", "train_tokens_per_second", "val_nll"])
     print()
-    table = [{"design": r["design"], "search": name, "bleu": r[f"bleu_{name}"], "chrf": r[f"chrf_{name}"],
+    table = [{"design": r["design"], "dtype": r["dtype"], "search": name, "bleu": r[f"bleu_{name}"], "chrf": r[f"chrf_{name}"],
               "sentences_per_second": r[f"{name}_sentences_per_second"], "mean_words": r[f"{name}_mean_words"]}
              for r in rows for name in searches]
-    print_table(table, ["design", "search", "bleu", "chrf", "sentences_per_second", "mean_words"])
+    print_table(table, ["design", "dtype", "search", "bleu", "chrf", "sentences_per_second", "mean_words"])
+
+    from lmforge.hardware import cpu_bf16_is_faster
+
+    print(f"this CPU {'has' if cpu_bf16_is_faster() else 'has no'} bf16 units faster than float32 "
+          "(train.dtype=auto picks bfloat16 where it has)")
     path = write_result("translation", {"minutes_per_design": args.minutes, "size": args.size,
                                         "overrides": overrides, "threads": args.threads,
-                                        "parallel": args.parallel,
+                                        "parallel": args.parallel, "dtypes": args.dtypes,
                                         "valid_sentences": 211, "results": rows})
     print(f"wrote {path}")
 

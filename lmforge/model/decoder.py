@@ -8,22 +8,13 @@ checked against the Hugging Face implementations in tests/test_decoder.py.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
-from lmforge.model.layers import (
-    Block,
-    KVCache,
-    LearnedPositionalEncoding,
-    PositionalEncoding,
-    RMSNorm,
-    RotaryEmbedding,
-    make_norm,
-)
+from lmforge.model.layers import Block, KVCache, init_gpt_style, make_norm, position_encoding
 
 
 class DecoderLM(nn.Module):
@@ -33,14 +24,7 @@ class DecoderLM(nn.Module):
             raise LMForgeError("model.vocab_size is 0; set it to the tokenizer's vocabulary size before building the model")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
-        self.pos_emb: nn.Module | None = None
-        self.rotary: RotaryEmbedding | None = None
-        if cfg.pos_encoding == "learned":
-            self.pos_emb = LearnedPositionalEncoding(cfg.block_size, cfg.d_model)
-        elif cfg.pos_encoding == "sinusoidal":
-            self.pos_emb = PositionalEncoding(cfg.d_model, cfg.block_size, cfg.sinusoidal_layout)
-        else:
-            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.pos_emb, self.rotary = position_encoding(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
@@ -55,18 +39,7 @@ class DecoderLM(nn.Module):
         residual stream (attention o_proj, feed-forward down_proj) get std / sqrt(2 * n_layer), as in
         GPT-2, so the residual stream's variance does not grow with depth. Safe to call again after
         building on the meta device and materialising (``to_empty``): the model has no buffers."""
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layer)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                is_residual = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                module.reset_parameters()
+        init_gpt_style(self, self.cfg.init_std, self.cfg.n_layer)
 
     def new_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:

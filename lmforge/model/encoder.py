@@ -13,14 +13,13 @@ Task heads (classification, tagging) sit on top of :class:`EncoderModel` and are
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
-from lmforge.model.layers import LearnedPositionalEncoding, PositionalEncoding, RMSNorm, RotaryEmbedding, make_norm
+from lmforge.model.layers import init_gpt_style, make_norm, position_encoding
 from lmforge.model.seq2seq import Seq2SeqBlock
 
 
@@ -53,14 +52,7 @@ class EncoderModel(nn.Module):
                                "with their own class (lmforge.train.checkpoint.load_model picks it)")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
-        self.pos_emb: nn.Module | None = None
-        self.rotary: RotaryEmbedding | None = None
-        if cfg.pos_encoding == "learned":
-            self.pos_emb = LearnedPositionalEncoding(cfg.block_size, cfg.d_model)
-        elif cfg.pos_encoding == "sinusoidal":
-            self.pos_emb = PositionalEncoding(cfg.d_model, cfg.block_size, cfg.sinusoidal_layout)
-        else:
-            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.pos_emb, self.rotary = position_encoding(cfg)
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -72,17 +64,7 @@ class EncoderModel(nn.Module):
     def init_weights(self) -> None:
         """As ``DecoderLM.init_weights``: normal(0, init_std), residual projections scaled by
         1/sqrt(2 * n_layer), zero biases, unit norms."""
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layer)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if name.endswith(("o_proj", "down_proj")) else std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                module.reset_parameters()
+        init_gpt_style(self, self.cfg.init_std, self.cfg.n_layer)
 
     def forward(
         self,

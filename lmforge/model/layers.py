@@ -109,6 +109,34 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # Normalisation
 
 
+def position_encoding(cfg: ModelConfig) -> tuple[nn.Module | None, "RotaryEmbedding | None"]:
+    """(positions added to the token embeddings, rotary embedding) as ``cfg.pos_encoding`` says:
+    learned or sinusoidal tables, or rotation of queries and keys (one of the two is None)."""
+    if cfg.pos_encoding == "learned":
+        return LearnedPositionalEncoding(cfg.block_size, cfg.d_model), None
+    if cfg.pos_encoding == "sinusoidal":
+        return PositionalEncoding(cfg.d_model, cfg.block_size, cfg.sinusoidal_layout), None
+    return None, RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+
+@torch.no_grad()
+def init_gpt_style(model: nn.Module, std: float, n_layer: int) -> None:
+    """GPT-2's initialisation: linear weights and embeddings normal(0, std), the projections that
+    write into the residual stream (attention o_proj, feed-forward down_proj) std / sqrt(2 * n_layer)
+    so its variance does not grow with depth, zero biases, unit norms."""
+    residual_std = std / math.sqrt(2 * n_layer)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            is_residual = name.endswith(("o_proj", "down_proj"))
+            nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            module.reset_parameters()
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight (no centring, no bias), computed in float32."""
 

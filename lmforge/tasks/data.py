@@ -87,6 +87,18 @@ def read_examples(path: str | Path, source_key: str,
     return pairs, report
 
 
+def _check_pair(source, target, report: ReadReport) -> tuple[str, str] | None:
+    """(source, target) as clean texts, or None (counted in ``report``) when either is not one;
+    without targets (``target`` None) the target is ""."""
+    source = _check_text(source, "source", report)
+    if source is None:
+        return None
+    if target is None:
+        return source, ""
+    target = _check_text(target, "target", report)
+    return None if target is None else (source, target)
+
+
 def _check_text(value, name: str, report: ReadReport) -> str | None:
     if not isinstance(value, str):
         report.skipped[f"with a non-text {name}"] += 1
@@ -123,15 +135,9 @@ def _read_tsv(path: Path, source_key: str, target_key: str | None, report: ReadR
         if len(fields) != len(columns):
             report.skipped[f"ragged rows (not {len(columns)} fields)"] += 1
             continue
-        source = _check_text(fields[s_col], "source", report)
-        if source is None:
-            continue
-        target = ""
-        if t_col is not None:
-            target = _check_text(fields[t_col], "target", report)
-            if target is None:
-                continue
-        yield source, target
+        pair = _check_pair(fields[s_col], fields[t_col] if t_col is not None else None, report)
+        if pair is not None:
+            yield pair
 
 
 def _read_jsonl(path: Path, source_key: str, target_key: str | None, report: ReadReport):
@@ -154,15 +160,9 @@ def _read_jsonl(path: Path, source_key: str, target_key: str | None, report: Rea
         if missing:
             report.skipped[f"without the key {missing[0]!r}"] += 1
             continue
-        source = _check_text(record[source_key], "source", report)
-        if source is None:
-            continue
-        target = ""
-        if target_key:
-            target = _check_text(record[target_key], "target", report)
-            if target is None:
-                continue
-        yield source, target
+        pair = _check_pair(record[source_key], record[target_key] if target_key else None, report)
+        if pair is not None:
+            yield pair
     for key in (source_key, target_key):
         if key and keys_seen and key not in keys_seen:
             raise LMForgeError(

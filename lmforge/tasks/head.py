@@ -140,9 +140,20 @@ class HeadObjective(Objective):
     def head(self, trunk: nn.Module, cfg: Config) -> nn.Module:
         raise NotImplementedError
 
+    #: what ``--train`` must give
+    train_file_help = "a training file"
+
+    def read_file(self, path: str) -> list:
+        """The examples (rows, sentences) of one file; bad data is one clear error."""
+        raise NotImplementedError
+
     def read(self, cfg: Config) -> None:
         """Read task.train_file / task.valid_file (errors before anything is written)."""
-        raise NotImplementedError
+        task = cfg.task
+        if not task.train_file:
+            raise LMForgeError(f"no training examples; pass --train FILE ({self.train_file_help})")
+        self.train_rows = self.read_file(task.train_file)
+        self.valid_rows = self.read_file(task.valid_file) if task.valid_file else None
 
     def fill_labels(self, cfg: Config) -> None:
         """Label names from the training data into ``cfg.task`` (a new run only)."""
@@ -211,15 +222,6 @@ class HeadObjective(Objective):
         trainable, total = count_trainable(model)
         return (f"{cfg.task.name} ({cfg.task.tuning}): {trainable:,} of {total:,} parameters train; "
                 f"{len(self.train_examples):,} training examples, batch {cfg.train.batch_size} x {cfg.train.grad_accum}")
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-    def epoch(self) -> int:
-        return self.sampler.epoch
 
     def next_batch(self, step: int, micro: int) -> dict:
         rows = self.sampler.next_batch()  # the same global batch on every rank

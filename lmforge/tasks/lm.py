@@ -9,7 +9,6 @@ windows per micro-batch: each of W processes draws its own ``batch_size / W`` of
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,9 +20,8 @@ from lmforge.config import Config
 from lmforge.data.padding import IGNORE_INDEX
 from lmforge.errors import LMForgeError
 from lmforge.train import checkpoint as ckpt_io
-from lmforge.train import distributed as dist_io
 from lmforge.train.distributed import World, all_reduce_sum
-from lmforge.train.objective import Objective, Run, check_same_model
+from lmforge.tasks.windows import WindowObjective
 
 NAME = "lm"
 
@@ -43,46 +41,6 @@ def window_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> t
 def window_count(batch: tuple[torch.Tensor, torch.Tensor]) -> int:
     """Target tokens of a batch of windows."""
     return int((batch[1] != IGNORE_INDEX).sum())
-
-
-def prepare_data(cfg: Config, progress: bool, world: World | None = None) -> dict:
-    """``lmforge prepare`` on the main rank unless ``data.data_dir`` holds prepared data; the
-    vocabulary size it implies goes into ``cfg.model``."""
-    from lmforge.data.shards import load_meta, prepare
-
-    world = world or World()
-    meta_path = Path(cfg.data.data_dir) / "meta.json"
-    if world.is_main and not meta_path.exists():
-        prepare(cfg.data, progress=progress)
-    dist_io.barrier(world)
-    if not meta_path.exists():
-        raise LMForgeError(
-            f"{meta_path} is missing on this node (rank {world.rank}); put data.data_dir on a shared file system "
-            "or run `lmforge prepare` with the same recipe on every node first"
-        )
-    meta = load_meta(cfg.data.data_dir)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = int(meta["vocab_size"])
-    elif cfg.model.vocab_size != meta["vocab_size"]:
-        raise LMForgeError(
-            f"model.vocab_size={cfg.model.vocab_size} but the tokenizer in {cfg.data.data_dir} has "
-            f"{meta['vocab_size']} tokens; set --model.vocab_size=0 to take it from the data"
-        )
-    return meta
-
-
-def check_compatible(ckpt: Path, cfg: Config, what: str) -> None:
-    """Refuse a checkpoint whose weights cannot be this config's model, or whose tokenizer differs."""
-    check_same_model(ckpt, cfg, what)
-    ckpt_tok = ckpt_io.require_file(ckpt, ckpt_io.TOKENIZER, "copy the tokenizer.json it was trained with into it")
-    data_tok = Path(cfg.data.data_dir) / ckpt_io.TOKENIZER
-    if not data_tok.is_file():
-        raise LMForgeError(f"{data_tok} is missing; rerun `lmforge prepare` for data.data_dir")
-    if ckpt_io.read_json(ckpt_tok) != ckpt_io.read_json(data_tok):
-        raise LMForgeError(
-            f"cannot {what} {ckpt}: its tokenizer differs from {data_tok}; "
-            "use the data directory the checkpoint was trained on (data.data_dir)"
-        )
 
 
 @torch.no_grad()
@@ -131,58 +89,6 @@ def evaluate(
         raise LMForgeError("evaluation found no tokens; the split is smaller than one block, lower model.block_size")
     loss = loss_sum / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
-
-
-class WindowObjective(Objective):
-    """Random windows of the prepared token shards: the data path of the language model and of the
-    masked language model. Subclasses give the model and the loss."""
-
-    def setup(self, run: Run) -> None:
-        from lmforge.data.shards import TokenDataset
-
-        super().setup(run)
-        cfg, world = run.cfg, run.world
-        prepare_data(cfg, progress=cfg.train.progress and world.is_main, world=world)
-        self.train_data = TokenDataset(cfg.data.data_dir, "train")
-        self.val_data = TokenDataset(cfg.data.data_dir, "val")
-        for split, ds in (("train", self.train_data), ("val", self.val_data)):
-            if len(ds) < cfg.model.block_size + 1:
-                raise LMForgeError(
-                    f"the {split} split of {cfg.data.data_dir} has {len(ds)} tokens, fewer than model.block_size+1 "
-                    f"({cfg.model.block_size + 1}); use a larger corpus or a smaller model.block_size")
-        self.rank_batch = dist_io.per_rank_batch(cfg.train.batch_size, world)
-        self.init_from = None
-        if run.resume_from is not None:
-            check_compatible(run.resume_from, cfg, "resume from")
-        elif cfg.train.init_from:
-            self.init_from = ckpt_io.latest_checkpoint(cfg.train.init_from)
-            check_compatible(self.init_from, cfg, "initialise from")
-        from lmforge.data.sampler import BlockSampler
-
-        self.sampler = BlockSampler(self.train_data, cfg.model.block_size, self.rank_batch, seed=cfg.train.seed,
-                                    rank=world.rank, world_size=world.world_size)
-
-    @property
-    def tokenizer_path(self) -> Path:
-        return Path(self.run.cfg.data.data_dir) / ckpt_io.TOKENIZER
-
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-    def describe(self, model: nn.Module) -> str:
-        cfg = self.run.cfg
-        tcfg = cfg.train
-        per_step = tcfg.batch_size * cfg.model.block_size * tcfg.grad_accum
-        return (f"{self.name} model: {model.num_params():,} parameters "
-                f"({model.num_params(exclude_embeddings=True):,} without embeddings); {tcfg.batch_size} x "
-                f"{cfg.model.block_size} tokens per micro-batch ({self.rank_batch} windows per rank), "
-                f"{per_step:,} tokens per step")
-
-    def throughput(self, batch) -> int:
-        return batch[0].numel()
 
 
 class LanguageModel(WindowObjective):

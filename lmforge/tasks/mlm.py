@@ -25,7 +25,7 @@ from torch import nn
 
 from lmforge.data.padding import IGNORE_INDEX
 from lmforge.errors import LMForgeError
-from lmforge.tasks.lm import WindowObjective
+from lmforge.tasks.windows import WindowObjective
 from lmforge.train.objective import Run
 
 MASK_TOKENS = ("<mask>", "[MASK]")

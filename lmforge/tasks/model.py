@@ -18,16 +18,20 @@ from lmforge.tasks.format import SpecialIds, TaskFormat
 SEQ2SEQ_TASKS = ("translation", "summarization")
 
 
+_TASK = TaskConfig()
+
+
 @dataclass
 class Decoding:
-    """Search settings: beam_size 1 is greedy; output length limit = max_len_a * source tokens + max_len_b."""
+    """Search settings: beam_size 1 is greedy; output length limit = max_len_a * source tokens + max_len_b.
+    The defaults and meanings are the task section's (:class:`~lmforge.config.TaskConfig`)."""
 
-    beam_size: int = 4
-    length_penalty: float = 1.0
-    early_stopping: bool = True
-    no_repeat_ngram_size: int = 0
-    max_len_a: float = 1.5
-    max_len_b: int = 10
+    beam_size: int = _TASK.beam_size
+    length_penalty: float = _TASK.length_penalty
+    early_stopping: bool = _TASK.early_stopping
+    no_repeat_ngram_size: int = _TASK.no_repeat_ngram_size
+    max_len_a: float = _TASK.max_len_a
+    max_len_b: int = _TASK.max_len_b
 
     @classmethod
     def from_task(cls, task: TaskConfig, **overrides) -> "Decoding":

@@ -174,12 +174,11 @@ class Sentiment(HeadObjective):
     def head(self, trunk, cfg: Config):
         return build_classifier(trunk, cfg)
 
-    def read(self, cfg: Config) -> None:
-        task = cfg.task
-        if not task.train_file:
-            raise LMForgeError("no training examples; pass --train FILE (TSV with columns text and label)")
-        self.train_rows = read_labelled(task.train_file, task.source_key, task.target_key)
-        self.valid_rows = read_labelled(task.valid_file, task.source_key, task.target_key) if task.valid_file else None
+    train_file_help = "TSV with columns text and label"
+
+    def read_file(self, path: str) -> list:
+        task = self.run.cfg.task
+        return read_labelled(path, task.source_key, task.target_key)
 
     def fill_labels(self, cfg: Config) -> None:
         cfg.task.labels = label_names(self.train_rows)

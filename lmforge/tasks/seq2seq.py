@@ -251,7 +251,7 @@ class SequenceToSequence(Objective):
                 say(data.read.summary())
                 if data.limits.summary():
                     say(f"note: {data.read.path}: {data.limits.summary()}")
-        self.batcher = TokenBatcher(self.train_data.lengths, task.batch_tokens, seed=tcfg.seed)
+        self.sampler = TokenBatcher(self.train_data.lengths, task.batch_tokens, seed=tcfg.seed)
         if world.is_main:  # the run's own copy: checkpoints it came from may be pruned
             run.out_dir.mkdir(parents=True, exist_ok=True)
             tokenizer.save(self.tokenizer_path)
@@ -277,20 +277,11 @@ class SequenceToSequence(Objective):
     def describe(self, model: nn.Module) -> str:
         task = self.run.cfg.task
         return (f"{task.name}, {self.run.cfg.model.arch}: {model.num_params():,} parameters; "
-                f"{len(self.train_data.texts):,} training examples in {self.batcher.batches_per_epoch:,} batches "
+                f"{len(self.train_data.texts):,} training examples in {self.sampler.batches_per_epoch:,} batches "
                 f"of <= {task.batch_tokens:,} tokens")
 
-    def state_dict(self) -> dict:
-        return self.batcher.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.batcher.load_state_dict(state)
-
-    def epoch(self) -> int:
-        return self.batcher.epoch
-
     def next_batch(self, step: int, micro: int):
-        rows = self.batcher.next_batch()  # the same global batch on every rank
+        rows = self.sampler.next_batch()  # the same global batch on every rank
         mine = rank_share(rows, self.run.world)
         if not mine:  # fewer rows than processes: run the first row, counted as nothing
             return self.train_data.batch(self.fmt, rows[:1]), 0, 0

@@ -254,30 +254,28 @@ class SemanticRoles(HeadObjective):
     def head(self, trunk, cfg: Config):
         return build_srl_model(trunk, cfg)
 
-    def read(self, cfg: Config) -> None:
-        task = cfg.task
-        if not task.train_file:
-            raise LMForgeError("no training sentences; pass --train FILE.conllu (CoNLL-U Plus, Universal PropBank format)")
-        self.train_sentences = read_conllu(task.train_file)
-        self.valid_sentences = read_conllu(task.valid_file) if task.valid_file else None
+    train_file_help = "CoNLL-U Plus, Universal PropBank format"
+
+    def read_file(self, path: str) -> list:
+        return read_conllu(path)
 
     def fill_labels(self, cfg: Config) -> None:
-        cfg.task.labels, cfg.task.senses = role_inventory(self.train_sentences)
+        cfg.task.labels, cfg.task.senses = role_inventory(self.train_rows)
         cfg.task.pooling = "auto"
 
     def examples(self, tokenizer):
         cfg = self.run.cfg
         task = cfg.task
         self.encoder = Encoder(tokenizer, task.labels, task.senses, _max_len(cfg))
-        skipped = sum(not s.annotated for s in self.train_sentences)
-        train = [e for s in self.train_sentences if s.annotated for e in self.encoder.sentence_examples(s)]
-        for s in self.valid_sentences or []:  # unknown labels in the validation file are reported before training
+        skipped = sum(not s.annotated for s in self.train_rows)
+        train = [e for s in self.train_rows if s.annotated for e in self.encoder.sentence_examples(s)]
+        for s in self.valid_rows or []:  # unknown labels in the validation file are reported before training
             if s.annotated:
                 self.encoder.sentence_examples(s)
         self.run.say(f"srl: {len(task.labels) - 1} role labels, {len(task.senses)} sense numbers; "
-                     f"{len(self.train_sentences) - skipped:,} training sentences ({skipped} not annotated, left out), "
+                     f"{len(self.train_rows) - skipped:,} training sentences ({skipped} not annotated, left out), "
                      f"{len(train):,} examples")
-        return train, self.valid_sentences
+        return train, self.valid_rows
 
     def collate(self, examples: list[dict]) -> dict:
         return self.encoder.collate(examples)

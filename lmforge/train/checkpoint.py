@@ -296,14 +296,7 @@ def load_sharded_train_state(ckpt: str | Path, rank: int) -> dict[str, Any]:
     if not isinstance(info, dict) or not isinstance(info.get("step"), int):
         raise LMForgeError(f"training state in {ckpt} is incomplete; resume from another checkpoint")
     rng_file = ckpt / RNG_DIR / f"rank_{rank:05d}.pt"
-    rng = None
-    if rng_file.is_file():
-        try:
-            rng = torch.load(rng_file, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise LMForgeError(
-                f"{rng_file} is corrupt or truncated ({type(e).__name__}); resume from another checkpoint"
-            ) from None
+    rng = _load_tensors(rng_file) if rng_file.is_file() else None
     return {"step": info["step"], "sampler": info.get("sampler"), "metrics": info.get("metrics") or {},
             "grad_scaler": info.get("grad_scaler"), "world_size": info.get("world_size"), "rng": rng,
             "dtype": info.get("dtype")}
@@ -480,18 +473,23 @@ def load_weights(model: nn.Module, ckpt: str | Path, device: str | torch.device 
     model.load_state_dict(state, strict=False)
 
 
+def _load_tensors(path: Path) -> Any:
+    """A ``.pt`` file of tensors and plain values, never running code (``weights_only``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LMForgeError(
+            f"{path} is corrupt or truncated ({type(e).__name__}); resume from another checkpoint (e.g. the previous step)"
+        ) from None
+
+
 def load_train_state(ckpt: str | Path) -> dict[str, Any]:
     """Optimizer, RNG and sampler state of a resumable checkpoint, merged into one dict."""
     ckpt = Path(ckpt)
     fix = "it holds weights only; start a new run with --train.init_from to reuse them"
     pt = require_file(ckpt, STATE_PT, fix)
     info = read_json(require_file(ckpt, STATE_JSON, fix))
-    try:
-        state = torch.load(pt, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LMForgeError(
-            f"{pt} is corrupt or truncated ({type(e).__name__}); resume from another checkpoint (e.g. the previous step)"
-        ) from None
+    state = _load_tensors(pt)
     if not isinstance(state, dict) or not {"step", "optimizer", "rng"} <= state.keys() or not isinstance(info, dict):
         raise LMForgeError(f"training state in {ckpt} is incomplete; resume from another checkpoint")
     if info.get("step") != state["step"]:

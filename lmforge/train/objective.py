@@ -120,20 +120,23 @@ class Objective:
         """One line for the start of the run."""
         return f"{self.name}: {sum(p.numel() for p in model.parameters()):,} parameters"
 
-    # ---- data
+    # ---- data: ``self.sampler`` (set in setup) draws the batches and knows its position
+    sampler: Any = None
+
     def state_dict(self) -> dict:
         """The sampler's position (JSON), for an exact resume."""
-        raise NotImplementedError
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        raise NotImplementedError
+        self.sampler.load_state_dict(state)
 
     def next_batch(self, step: int, micro: int) -> Any:
         """This rank's part of micro-batch ``micro`` of optimizer step ``step`` (0-based)."""
         raise NotImplementedError
 
     def epoch(self) -> int | None:
-        return None
+        """Passes over the training examples so far (None for an endless stream of windows)."""
+        return getattr(self.sampler, "epoch", None)
 
     # ---- the loss
     def count(self, batch: Any) -> int:
