@@ -103,7 +103,9 @@ def step_benchmark(args: argparse.Namespace, overrides: list[str]) -> None:
     import torch
     import torch.distributed as dist
 
-    from lmforge.config import ModelConfig, TrainConfig, build_section, parse_overrides
+    from lmforge.config import ModelConfig, TrainConfig
+
+    from lmforge.recipes import build_section, parse_overrides
     from lmforge.model import DecoderLM
     from lmforge.plan import estimate_memory
     from lmforge.train import distributed as D

@@ -37,7 +37,7 @@ def vader(valid: Path) -> dict:
 
 
 def finetune(name: str, trunk: Path, args, train: Path, valid: Path, extra: list[str]) -> dict:
-    from lmforge.config import load_config
+    from lmforge.recipes import load_config
     from lmforge.tasks.registry import finetune
 
     out = BENCH / f"sentiment-{name}-{args.tuning}-{args.steps}-{args.minutes:g}m"

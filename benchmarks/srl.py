@@ -32,7 +32,7 @@ def split(path: Path) -> tuple[Path, Path, dict]:
 
 
 def finetune(name: str, trunk: Path, args, train: Path, valid: Path, extra: list[str]) -> dict:
-    from lmforge.config import load_config
+    from lmforge.recipes import load_config
     from lmforge.tasks.registry import finetune
 
     out = BENCH / f"srl-{name}-{args.tuning}-{args.steps}-{args.minutes:g}m"

@@ -62,7 +62,7 @@ DESIGNS = {"seq2seq": ["--model.copy_attention=false"], "seq2seq-copy": [],
 
 def pretrain_lm(work: Path, minutes: float, size: str) -> Path:
     """A decoder-only language model trained on the training articles only; returns its run directory."""
-    from lmforge.config import load_config
+    from lmforge.recipes import load_config
     from lmforge.tasks.data import read_examples
     from lmforge.tasks.lm import train
 
@@ -85,7 +85,7 @@ def pretrain_lm(work: Path, minutes: float, size: str) -> Path:
 
 
 def run_system(system: str, args, work: Path, overrides: list[str], lm: Path | None) -> list[dict]:
-    from lmforge.config import load_config
+    from lmforge.recipes import load_config
     from lmforge.tasks.model import Decoding, load_task_model
     from lmforge.tasks.seq2seq import TaskData, finetune, score_examples
 

@@ -17,7 +17,7 @@ BENCH = ROOT / "runs" / "bench"
 
 
 def lmforge_trunk(steps: int, minutes: float) -> tuple[Path, dict]:
-    from lmforge.config import load_config
+    from lmforge.recipes import load_config
     from lmforge.tasks.mlm import MaskedLanguageModel
     from lmforge.train.trainer import fit
 

@@ -36,7 +36,7 @@ EVAL = ["--train.eval_batches=20", "--train.eval_batch_size=12", "--model.block_
 
 def run_child(name: str, data: str, workdir: str) -> dict:
     """Train one recipe in this process and summarise it (called in a subprocess)."""
-    from lmforge.config import load_config
+    from lmforge.recipes import load_config
     from lmforge.model import DecoderLM
     from lmforge.tasks.lm import train
 

@@ -88,7 +88,7 @@ def seconds_per_step(cfg, steps: int = 8) -> float:
 def budget_config(recipe: str, minutes: float, work: Path, overrides: list[str], dtype: str = "auto"):
     """The recipe, trained for ``minutes`` in ``dtype`` into work/<recipe>-<dtype>, with the schedule fitted
     to the budget."""
-    from lmforge.config import load_config
+    from lmforge.recipes import load_config
 
     out = work / f"{recipe}-{dtype}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run each time

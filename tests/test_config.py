@@ -1,7 +1,7 @@
 import pytest
 
-from lmforge.config import (PRESETS, Config, ModelConfig, config_from_json, field_help, load_config,
-                            parse_overrides, save_config)
+from lmforge.config import PRESETS, Config, ModelConfig
+from lmforge.recipes import config_from_json, field_help, load_config, parse_overrides, save_config
 from lmforge.errors import LMForgeError
 
 

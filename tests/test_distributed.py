@@ -23,7 +23,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from lmforge.config import load_config
+from lmforge.recipes import load_config
 from lmforge.data.sampler import BlockSampler
 from lmforge.errors import LMForgeError
 from lmforge.plan import param_counts

@@ -382,7 +382,7 @@ def test_pretrained_minilm_tokenizer_from_vocab_txt(tmp_path):
 
 
 def test_imported_model_generates_evaluates_and_fine_tunes(tmp_path, tok, capsys, monkeypatch):
-    from lmforge.config import load_config
+    from lmforge.recipes import load_config
     from lmforge.tasks.lm import train
 
     hf = llama_model(tok.vocab_size)

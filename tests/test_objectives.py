@@ -1,12 +1,14 @@
 """Every objective through the one trainer: masked LM, translation (both designs), sentiment and SRL.
 
 For each: two processes under a real ``torchrun`` (Gloo on this machine's loopback), with DDP and
-with FSDP2, train the same run as one process (every logged loss and the final weights agree), and
+with FSDP2, train the same 20-step run as one process (every logged loss to 1e-6 relative, the final
+weights to 1e-6), and
 a run of N steps equals k steps + ``--resume`` bit for bit, the dtype chosen automatically included.
 The language model has the same checks in test_distributed.py and test_train.py.
 """
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -25,12 +27,12 @@ from lmforge.train.checkpoint import latest_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "red green blue cat dog sun moon tree house bird fish star".split()
-STEPS = 6
-COMMON = [f"--train.max_steps={STEPS}", "--train.warmup_steps=2", "--train.eval_interval=3", "--train.ckpt_interval=3",
+STEPS = 20
+COMMON = [f"--train.max_steps={STEPS}", f"--train.decay_steps={STEPS}", "--train.warmup_steps=2", "--train.eval_interval=10", "--train.ckpt_interval=10",
           "--train.log_interval=1", "--train.progress=false", "--train.tensorboard=false", "--train.device=cpu",
           "--train.grad_accum=2", "--model.dropout=0.0", "--train.seed=3"]
-LOSS_TOL = 1e-5
-WEIGHT_TOL = 1e-5
+LOSS_TOL = 1e-6  # relative: a loss of ~6 agrees to a few float32 roundings
+WEIGHT_TOL = 1e-6
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -162,10 +164,11 @@ def test_two_processes_train_the_same_run_as_one(references, name, capsys):
         got = metrics(root / out)
         assert [r["step"] for r in got] == [r["step"] for r in ref], strategy  # every step once
         for mine, theirs in zip(got, ref):
-            assert abs(mine["loss"] - theirs["loss"]) < LOSS_TOL, (strategy, mine, theirs)
+            assert math.isclose(mine["loss"], theirs["loss"], rel_tol=LOSS_TOL, abs_tol=LOSS_TOL), (strategy, mine, theirs)
             assert mine["lr"] == theirs["lr"]
             if "val_loss" in theirs:
-                assert abs(mine["val_loss"] - theirs["val_loss"]) < LOSS_TOL, (strategy, mine, theirs)
+                assert math.isclose(mine["val_loss"], theirs["val_loss"], rel_tol=LOSS_TOL, abs_tol=LOSS_TOL), \
+                    (strategy, mine, theirs)
         w = weights(root / out)
         assert w.keys() == ref_w.keys()
         for key in w:

@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from lmforge.cli import main
-from lmforge.config import PRESETS, Config, ModelConfig, TrainConfig, build_section
+from lmforge.config import PRESETS, Config, ModelConfig, TrainConfig
+from lmforge.recipes import build_section
 from lmforge.errors import LMForgeError
 from lmforge.model import DecoderLM
 from lmforge.plan import (Cluster, activation_bytes, estimate_memory, flops_per_token, make_plan, max_micro_batch,

@@ -69,13 +69,13 @@ def check_same_model(ckpt: Path, cfg: Config, what: str) -> None:
     from lmforge.train import checkpoint as ckpt_io
 
     saved = ckpt_io.read_config(ckpt)
-    diffs = [f"model.{f.name}: {getattr(saved.model, f.name)!r} in the checkpoint, {getattr(cfg.model, f.name)!r} now"
+    diffs = [f"{f.name}: {getattr(saved.model, f.name)!r} in the checkpoint, {getattr(cfg.model, f.name)!r} in the config"
              for f in fields(ModelConfig)
              if f.name not in FREE_MODEL_KEYS and getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
     if saved.task.name != cfg.task.name:
-        diffs.insert(0, f"task {saved.task.name!r} in the checkpoint, {cfg.task.name!r} now")
+        diffs.insert(0, f"task {saved.task.name!r} in the checkpoint, {cfg.task.name!r} in the config")
     if diffs:
-        raise LMForgeError(f"cannot {what} {ckpt}: {'; '.join(diffs)}; "
+        raise LMForgeError(f"cannot {what} {ckpt}: the model or task differs ({'; '.join(diffs)}); "
                            f"use the recipe and model settings of {ckpt / ckpt_io.CONFIG}, or a new train.out_dir")
 
 

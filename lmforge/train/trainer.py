@@ -31,6 +31,7 @@ from lmforge.config import Config
 from lmforge.errors import LMForgeError
 from lmforge.train import checkpoint as ckpt_io
 from lmforge.train import distributed as dist_io
+from lmforge.train import sharded as sharded_io
 from lmforge.train.distributed import World, all_reduce_sum, gradient_sync
 from lmforge.train.objective import Objective, Run, say_stderr, seed_everything
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
@@ -123,7 +124,7 @@ class MetricsLog:
 
 def _load_state(resume_from: Path, world: World) -> tuple[dict, bool]:
     sharded = ckpt_io.is_sharded(resume_from)
-    state = (ckpt_io.load_sharded_train_state(resume_from, world.rank) if sharded
+    state = (sharded_io.load_sharded_train_state(resume_from, world.rank) if sharded
              else ckpt_io.load_train_state(resume_from))
     return state, sharded
 
@@ -211,9 +212,9 @@ def _fit(cfg: Config, objective: Objective, resume: bool, world: World, device: 
     if state is not None:
         try:
             if sharded:
-                ckpt_io.load_sharded_checkpoint(resume_from, model, optimizer)
+                sharded_io.load_sharded_checkpoint(resume_from, model, optimizer)
             elif world.distributed:
-                ckpt_io.load_full_optimizer_state(model, optimizer, state["optimizer"])
+                sharded_io.load_full_optimizer_state(model, optimizer, state["optimizer"])
             else:
                 optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
@@ -355,7 +356,7 @@ def _fit(cfg: Config, objective: Objective, resume: bool, world: World, device: 
         if do_ckpt:
             extra = {"dtype": hardware.dtype_name(amp_dtype)}
             if world.distributed:
-                checkpoint_path = ckpt_io.save_sharded_checkpoint(
+                checkpoint_path = sharded_io.save_sharded_checkpoint(
                     out_dir, model, cfg, step=step, optimizer=optimizer, rank=world.rank,
                     world_size=world.world_size, sampler_state=objective.state_dict(), metrics=record,
                     grad_scaler=grad_scaler, tokenizer_path=tokenizer_path, extra=extra)
