@@ -40,11 +40,11 @@ def finetune(name: str, trunk: Path, args, train: Path, valid: Path, extra: list
     from lmforge.recipes import load_config
     from lmforge.tasks.registry import finetune
 
-    out = BENCH / f"sentiment-{name}-{args.tuning}-{args.steps}-{args.minutes:g}m"
+    out = BENCH / f"sentiment-{name}-{args.tuning}-{args.steps}-{args.minutes:g}m-{args.dtype}"
     overrides = [f"--train.out_dir={out}", f"--train.init_from={trunk}", f"--train.max_steps={args.steps}",
                  f"--train.max_minutes={args.minutes}", f"--task.tuning={args.tuning}", "--train.progress=false",
                  "--train.eval_interval=0", f"--train.warmup_steps={max(args.steps // 10, 1)}",
-                 f"--task.max_source_len={args.max_len}", *extra, *([f"--train.lr={args.lr}"] if args.lr else [])]
+                 f"--task.max_source_len={args.max_len}", f"--train.dtype={args.dtype}", *extra, *([f"--train.lr={args.lr}"] if args.lr else [])]
     cfg = load_config("sentiment-tiny", overrides, base={"task": {"name": "sentiment"}})
     cfg.task.train_file, cfg.task.valid_file = str(train), str(valid)
     if (out / "report.json").is_file():
@@ -54,7 +54,7 @@ def finetune(name: str, trunk: Path, args, train: Path, valid: Path, extra: list
     else:
         s = finetune(cfg)
     v = s["valid"]
-    return {"trunk": name, "tuning": args.tuning, "steps": s["steps"], "accuracy": v["accuracy"],
+    return {"trunk": name, "dtype": s.get("dtype"), "tuning": args.tuning, "steps": s["steps"], "accuracy": v["accuracy"],
             "macro_f1": v["macro_f1"], "train_ex_s": s["examples_per_second"],
             "infer_ex_s": v["examples_per_second"], "trainable_params": s["trainable_params"],
             "train_seconds": s["train_seconds"], "run": str(out)}
@@ -71,6 +71,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="fine-tuning peak learning rate (default: per trunk)")
     p.add_argument("--trunks", default="vader,lmforge,minilm")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy machine)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="train.dtype of the fine-tuning (auto: bf16 where this CPU runs it faster)")
     args = p.parse_args()
     import torch
 
@@ -89,7 +91,10 @@ def main() -> None:
         elif name == "minilm":
             trunk, info["minilm"] = minilm_trunk()
             rows.append(finetune("minilm", trunk, args, train, valid, ["--train.lr=5e-5"]))
-    print_table(rows, ["trunk", "tuning", "steps", "accuracy", "macro_f1", "train_ex_s", "infer_ex_s", "train_seconds"])
+    from lmforge.hardware import cpu_bf16_is_faster
+
+    print(f"this CPU {'has' if cpu_bf16_is_faster() else 'has no'} bf16 units faster than float32")
+    print_table(rows, ["trunk", "dtype", "tuning", "steps", "accuracy", "macro_f1", "train_ex_s", "infer_ex_s", "train_seconds"])
     path = write_result(f"sentiment-{args.tuning}", {"rows": rows, "trunks": info, "budget": vars(args)})
     print(f"wrote {path}")
 
