@@ -16,8 +16,8 @@ from typing import Callable, NamedTuple
 
 from lmforge import commands as c
 from lmforge.errors import LMForgeError
+from lmforge.tasks.registry import FINETUNE_TASKS  # a table of names: cheap to import
 
-FINETUNE_TASKS = ("translation", "summarization", "sentiment", "srl")  # lmforge.tasks.registry.FINETUNE_TASKS
 DEFAULT_RECIPE = "shakespeare-char"
 DEFAULT_RUN = "runs/shakespeare-char"
 
