@@ -1,6 +1,8 @@
 """The training loop: token-normalised gradient accumulation, exact resume, metrics, refusals."""
 
 import json
+import os
+import socket
 import math
 import struct
 from pathlib import Path
@@ -274,3 +276,40 @@ def test_gradient_accumulation_bounds_memory():
         peaks[accum] = meter.peak
         model.zero_grad(set_to_none=True)
     assert peaks[4] < 0.35 * peaks[1], peaks
+
+
+# ---------------------------------------------------------------------------------- locks and stale data
+
+def test_a_run_directory_in_use_is_refused_and_a_dead_holders_lock_taken_over(corpus_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from lmforge.lock import LOCK, DirectoryLock
+
+    out = tmp_path / "run"
+    with DirectoryLock(out, "training run"):  # this process plays the other trainer
+        (out / LOCK).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
+        with pytest.raises(LMForgeError, match=rf"in use by another training run \(pid {os.getppid()}") as e:
+            train(make_cfg(corpus_dir, out, max_steps=2))
+        assert "\n" not in str(e.value)
+    assert not out.exists()  # the refused run left nothing behind
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out.mkdir()
+    (out / LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    assert train(make_cfg(corpus_dir, out, max_steps=2))["steps"] == 2  # a stale lock is taken over
+    assert not (out / LOCK).exists()
+
+
+def test_data_prepared_from_another_corpus_is_refused(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    cfg = make_cfg(tmp_path, tmp_path / "run", max_steps=1)
+    train(cfg)
+    corpus.write_text(corpus.read_text() + " and more words than before", encoding="utf-8")
+    again = make_cfg(tmp_path, tmp_path / "run2", max_steps=1)
+    with pytest.raises(LMForgeError, match="holds data prepared from other inputs .the corpus files"):
+        train(again)
+    gone = make_cfg(tmp_path, tmp_path / "run3", max_steps=1)
+    gone.data.corpus = [str(tmp_path / "no-such-file.txt")]
+    with pytest.raises(LMForgeError, match="no-such-file.txt"):
+        train(gone)
+    assert not (tmp_path / "run2").exists() and not (tmp_path / "run3").exists()

@@ -31,8 +31,9 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.config import DataConfig
-from lmforge.data.sources import iter_pieces, resolve_corpus
+from lmforge.data.sources import SHAKESPEARE, iter_pieces, resolve_corpus
 from lmforge.errors import LMForgeError
+from lmforge.lock import DirectoryLock
 from lmforge.tokenizer import FILE_NAME, Tokenizer
 
 META = "meta.json"
@@ -145,8 +146,44 @@ class TokenDataset:
 
 
 # ---------------------------------------------------------------------- prepare
+def fingerprint(cfg: DataConfig) -> dict:
+    """What prepared data depends on: each corpus file (as named, size, modification second) and the
+    settings. Recorded in meta.json; data prepared from anything else is not reused silently."""
+    files = []
+    for name in resolve_corpus(cfg.corpus):  # fails on a missing path
+        if name == SHAKESPEARE:
+            files.append([name])
+        else:
+            st = os.stat(name)
+            files.append([name, st.st_size, int(st.st_mtime)])
+    return {"files": files, "tokenizer": _tokenizer_spec(cfg), "val_fraction": cfg.val_fraction,
+            "shard_tokens": cfg.shard_tokens}
+
+
+def check_fingerprint(cfg: DataConfig, meta: dict) -> None:
+    """Refuse prepared data whose corpus or settings differ from ``cfg`` (data prepared before
+    fingerprints were recorded is taken as it is)."""
+    saved = meta.get("fingerprint")
+    if saved is None:
+        return
+    now = json.loads(json.dumps(fingerprint(cfg)))  # the same JSON types as the saved one
+    if now != saved:
+        what = [key for key in now if now[key] != saved.get(key)]
+        detail = {"files": "the corpus files (names, sizes or modification times)", "tokenizer": "the tokenizer settings",
+                  "val_fraction": "data.val_fraction", "shard_tokens": "data.shard_tokens"}
+        raise LMForgeError(
+            f"{cfg.data_dir} holds data prepared from other inputs ({', '.join(detail[k] for k in what)} differ); "
+            f"use a new data.data_dir, or run `lmforge prepare` with this recipe to prepare it again")
+
+
 def prepare(cfg: DataConfig, progress: bool = True) -> dict:
-    """Tokenize ``cfg.corpus`` into ``cfg.data_dir``; returns the contents of meta.json."""
+    """Tokenize ``cfg.corpus`` into ``cfg.data_dir``; returns the contents of meta.json. The data
+    directory is locked meanwhile: another process preparing it waits."""
+    with DirectoryLock(cfg.data_dir, "data preparation", wait=True):
+        return _prepare(cfg, progress)
+
+
+def _prepare(cfg: DataConfig, progress: bool) -> dict:
     start = time.perf_counter()
     data_dir = Path(cfg.data_dir)
     try:
@@ -222,6 +259,7 @@ def prepare(cfg: DataConfig, progress: bool = True) -> dict:
         "shard_tokens": cfg.shard_tokens,
         **splits,
         "tokenizer_spec": spec,
+        "fingerprint": fingerprint(cfg),
     }
     tmp = data_dir / (META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

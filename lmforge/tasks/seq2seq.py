@@ -28,6 +28,7 @@ from torch import nn
 from lmforge import hardware
 from lmforge.config import Config, ModelConfig
 from lmforge.errors import LMForgeError
+from lmforge.lock import DirectoryLock
 from lmforge.tasks import metrics as task_metrics
 from lmforge.tasks.data import LengthReport, ReadReport, TokenBatcher, limit_lengths, read_examples, sorted_batches
 from lmforge.tasks.format import Batch, SpecialIds, TaskFormat, sequence_loss, task_special_tokens
@@ -230,8 +231,9 @@ class SequenceToSequence(Objective):
             cfg.model = warm_start_config(ckpt_io.read_config(self.init_from).model, cfg.model)
             say(f"model shape from {self.init_from} (the recipe's model settings other than arch and dropout are unused)")
 
-        if world.is_main:  # the main process trains the joint tokenizer, the others read it
-            tokenizer = resolve_tokenizer(cfg, run.resume_from or self.init_from, say)
+        if world.is_main:  # the main process trains the joint tokenizer (one at a time), the others read it
+            with DirectoryLock(cfg.data.data_dir, "tokenizer training", wait=True):
+                tokenizer = resolve_tokenizer(cfg, run.resume_from or self.init_from, say)
         dist_io.barrier(world)
         if not world.is_main:
             tokenizer = resolve_tokenizer(cfg, run.resume_from or self.init_from, lambda _: None)

@@ -13,6 +13,7 @@ from torch import nn
 
 from lmforge.config import Config
 from lmforge.errors import LMForgeError
+from lmforge.lock import DirectoryLock
 from lmforge.train import checkpoint as ckpt_io
 from lmforge.train import distributed as dist_io
 from lmforge.train.distributed import World
@@ -22,12 +23,16 @@ from lmforge.train.objective import Objective, Run, check_same_model
 def prepare_data(cfg: Config, progress: bool, world: World | None = None) -> dict:
     """``lmforge prepare`` on the main rank unless ``data.data_dir`` holds prepared data; the
     vocabulary size it implies goes into ``cfg.model``."""
-    from lmforge.data.shards import load_meta, prepare
+    from lmforge.data.shards import check_fingerprint, load_meta, prepare
 
     world = world or World()
     meta_path = Path(cfg.data.data_dir) / "meta.json"
-    if world.is_main and not meta_path.exists():
-        prepare(cfg.data, progress=progress)
+    if world.is_main:  # one process prepares; another one preparing the same directory waits for it
+        with DirectoryLock(cfg.data.data_dir, "data preparation", wait=True):
+            if meta_path.exists():
+                check_fingerprint(cfg.data, load_meta(cfg.data.data_dir))
+            else:
+                prepare(cfg.data, progress=progress)
     dist_io.barrier(world)
     if not meta_path.exists():
         raise LMForgeError(

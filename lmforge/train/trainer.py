@@ -33,6 +33,7 @@ from lmforge.train import checkpoint as ckpt_io
 from lmforge.train import distributed as dist_io
 from lmforge.train import sharded as sharded_io
 from lmforge.train.distributed import World, all_reduce_sum, gradient_sync
+from lmforge.lock import DirectoryLock
 from lmforge.train.objective import Objective, Run, say_stderr, seed_everything
 from lmforge.train.optim import build_optimizer, lr_at, set_lr
 
@@ -160,9 +161,14 @@ def fit(cfg: Config, objective: Objective, resume: bool = False) -> dict[str, An
     """
     cfg = copy.deepcopy(cfg)
     world, device = dist_io.setup(hardware.resolve_device(cfg.train.device))
+    lock = DirectoryLock(cfg.train.out_dir, "training run") if world.is_main else None
     try:
+        if lock is not None:  # one trainer per run directory
+            lock.acquire()
         return _fit(cfg, objective, resume, world, device)
     finally:
+        if lock is not None:
+            lock.release()
         dist_io.shutdown(world)
 
 
