@@ -4,8 +4,9 @@ Read by training (``lmforge.train``) and by ``lmforge plan``; nothing here build
 
 * The device: ``auto`` is a CUDA GPU, else Apple's MPS, else the CPU.
 * The dtype: ``auto`` is bf16 on GPUs that have it, and on CPUs whose bf16 matmul is measured
-  faster than float32 (AVX512-BF16 or AMX units); float32 elsewhere. The choice is recorded in a
-  run's checkpoints, so a resumed run keeps it even on a machine that would choose otherwise.
+  faster than float32 (AVX512-BF16 or AMX units) where the trainer then measures its own step in
+  both (``faster_dtype``); float32 elsewhere. The choice is recorded in a run's checkpoints, so a
+  resumed run keeps it even on a machine that would choose otherwise.
 * Peak FLOP/s: GPUs from the vendors' data sheets (``PEAK_FLOPS``; a GPU not in the table gets no
   MFU rather than a guess), CPUs from a matmul measured in the process (``measure_cpu_peak``).
 """
@@ -79,6 +80,22 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "float16" and device.type != "cuda":
         raise LMForgeError(f"train.dtype=float16 needs a CUDA GPU (device is {device}); use bfloat16 or float32")
     return DTYPES[name]
+
+
+def faster_dtype(step, dtypes: tuple[torch.dtype, ...], repeats: int = 2, margin: float = 0.9) -> torch.dtype:
+    """The first of ``dtypes`` unless another runs ``step(dtype)`` in under ``margin`` of its time
+    (best of ``repeats`` after one warm-up call each): a measured choice, not a guess."""
+    best: dict[torch.dtype, float] = {}
+    for dtype in dtypes:
+        step(dtype)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            step(dtype)
+            times.append(time.perf_counter() - t)
+        best[dtype] = min(times)
+    fastest = min(dtypes, key=best.__getitem__)
+    return fastest if best[fastest] < margin * best[dtypes[0]] else dtypes[0]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -180,14 +180,18 @@ def test_two_processes_train_the_same_run_as_one(references, name, capsys):
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_resume_is_bitwise_exact_with_the_dtype_chosen_automatically(references, name):
+    """k steps with train.dtype=auto, then --resume (which keeps the recorded dtype without measuring
+    again) == N steps in that dtype."""
     root = references
-    in_process(root, RUNS[name] + COMMON + ["--train.dtype=auto", f"--train.out_dir=auto-{name}", "-q"])
     half = COMMON + ["--train.dtype=auto", f"--train.out_dir=half-{name}", "-q"]
     in_process(root, RUNS[name] + half[:-3] + [f"--train.max_steps={STEPS // 2}"] + half[-3:])
+    chosen = json.loads((latest_checkpoint(root / f"half-{name}") / "train_state.json").read_text())["dtype"]
+    assert chosen in ("float32", "bfloat16")
     in_process(root, RUNS[name] + half + ["--resume"])
-    whole, split = metrics(root / f"auto-{name}"), metrics(root / f"half-{name}")
+    in_process(root, RUNS[name] + COMMON + [f"--train.dtype={chosen}", f"--train.out_dir=whole-{name}", "-q"])
+    whole, split = metrics(root / f"whole-{name}"), metrics(root / f"half-{name}")
     assert [r["loss"] for r in whole] == [r["loss"] for r in split]
-    a, b = weights(root / f"auto-{name}"), weights(root / f"half-{name}")
+    a, b = weights(root / f"whole-{name}"), weights(root / f"half-{name}")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    state = json.loads((latest_checkpoint(root / f"half-{name}") / "train_state.json").read_text())
-    assert state["dtype"] in ("float32", "bfloat16")
+    resumed = json.loads((latest_checkpoint(root / f"half-{name}") / "train_state.json").read_text())
+    assert resumed["dtype"] == chosen

@@ -313,3 +313,39 @@ def test_data_prepared_from_another_corpus_is_refused(tmp_path):
     with pytest.raises(LMForgeError, match="no-such-file.txt"):
         train(gone)
     assert not (tmp_path / "run2").exists() and not (tmp_path / "run3").exists()
+
+
+# ----------------------------------------------------------------------------------------- automatic dtype
+
+def test_faster_dtype_keeps_the_first_unless_another_is_clearly_faster():
+    import time as _time
+
+    from lmforge.hardware import faster_dtype
+
+    cost = {torch.float32: 0.004, torch.bfloat16: 0.001}
+    assert faster_dtype(lambda d: _time.sleep(cost[d]), (torch.float32, torch.bfloat16)) == torch.bfloat16
+    cost = {torch.float32: 0.002, torch.bfloat16: 0.002}  # a tie is no reason to change
+    assert faster_dtype(lambda d: _time.sleep(cost[d]), (torch.float32, torch.bfloat16)) == torch.float32
+
+
+def test_measuring_the_dtype_leaves_no_trace(corpus_dir, tmp_path, monkeypatch):
+    """The probe runs real forward and backward passes in both dtypes (draws dropout masks, a batch):
+    the run that follows is bitwise the float32 run, and the checkpoint records the choice."""
+    from lmforge import hardware
+
+    calls = []
+
+    def measure_then_keep_float32(step, dtypes, **_):
+        for d in dtypes:
+            step(d)
+            calls.append(d)
+        return torch.float32
+
+    monkeypatch.setattr(hardware, "cpu_bf16_is_faster", lambda: True)
+    monkeypatch.setattr(hardware, "faster_dtype", measure_then_keep_float32)
+    auto = train(make_cfg(corpus_dir, tmp_path / "auto", dtype="auto", ckpt_interval=6))
+    assert calls == [torch.float32, torch.bfloat16] and auto["dtype"] == "float32"
+    plain = train(make_cfg(corpus_dir, tmp_path / "plain", dtype="float32"))
+    assert [r["loss"] for r in read_metrics(tmp_path / "auto")] == [r["loss"] for r in read_metrics(tmp_path / "plain")]
+    state = json.loads((ck.latest_checkpoint(tmp_path / "auto") / "train_state.json").read_text())
+    assert state["dtype"] == "float32" and plain["dtype"] == "float32"

@@ -130,13 +130,35 @@ def _load_state(resume_from: Path, world: World) -> tuple[dict, bool]:
     return state, sharded
 
 
-def _run_dtype(tcfg, device: torch.device, world: World, state: dict | None) -> torch.dtype:
-    """train.dtype, with auto resolved by measuring, or taken from the checkpoint a run resumes."""
+def _run_dtype(tcfg, device: torch.device, world: World, state: dict | None, objective: Objective,
+               model: nn.Module) -> torch.dtype:
+    """train.dtype; auto is taken from the checkpoint a run resumes, else chosen by measuring.
+
+    On a CPU whose bf16 matmuls beat float32 (AVX512-BF16, AMX), a bf16 step of a small model can
+    still be slower than a float32 one (autocast's casts cost more than the matmuls save), so auto
+    times this model's own forward and backward pass on a micro-batch in both dtypes and takes
+    bf16 only when it is clearly faster. The probe leaves no trace: the sampler is rewound, the
+    random streams restored and the gradients dropped.
+    """
     if tcfg.dtype == "auto" and state is not None and state.get("dtype") in hardware.DTYPES:
         return hardware.DTYPES[state["dtype"]]  # the run keeps the dtype it started with
     dtype = hardware.resolve_dtype(tcfg.dtype, device)
-    if world.distributed and tcfg.dtype == "auto" and device.type == "cpu":  # a timing: every rank must agree
-        dtype = torch.float32 if dist_io.any_rank(dtype == torch.float32, world, device) else dtype
+    if tcfg.dtype == "auto" and device.type == "cpu":
+        if dtype == torch.bfloat16:
+            position, rng = objective.state_dict(), ckpt_io.capture_rng_state()
+            batch = objective.next_batch(0, 0)
+            objective.load_state_dict(position)
+            model.to(device).train()
+
+            def step(candidate: torch.dtype) -> None:
+                with hardware.autocast(device, candidate):
+                    objective.loss(model, batch).float().backward()
+                model.zero_grad(set_to_none=True)
+
+            dtype = hardware.faster_dtype(step, (torch.float32, torch.bfloat16))
+            ckpt_io.restore_rng_state(rng)
+        if world.distributed:  # a timing: every rank must agree
+            dtype = torch.float32 if dist_io.any_rank(dtype == torch.float32, world, device) else dtype
     return dtype
 
 
@@ -195,14 +217,15 @@ def _fit(cfg: Config, objective: Objective, resume: bool, world: World, device: 
     elif existing:
         raise LMForgeError(f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it "
                            "or choose another train.out_dir")
-    amp_dtype = _run_dtype(tcfg, device, world, state)
-    run = Run(cfg=cfg, world=world, device=device, dtype=amp_dtype, out_dir=out_dir, resume_from=resume_from, say=say)
+    run = Run(cfg=cfg, world=world, device=device, dtype=torch.float32, out_dir=out_dir, resume_from=resume_from,
+              say=say)
     objective.setup(run)
 
     seed_everything(tcfg.seed)  # the same on every rank: every replica starts from the same weights
     model = objective.build_model()
     if resume_from is not None and not sharded:
         ckpt_io.load_weights(model, resume_from)
+    amp_dtype = run.dtype = _run_dtype(tcfg, device, world, state, objective, model)
     strategy = dist_io.resolve_strategy(tcfg, cfg.model, world, device)
     eval_copy = None
     if strategy == "fsdp" and not objective.evaluates_sharded and is_main:
