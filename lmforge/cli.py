@@ -1,4 +1,4 @@
-"""``lmforge <command>``: prepare, train, generate, eval, plot, finetune, translate, summarize.
+"""``lmforge <command>``: prepare, train, generate, eval, plot, finetune, translate, summarize, serve.
 
 Every command works with no arguments on the bundled Shakespeare corpus, and
 every problem the user can fix is reported as one line on stderr with exit code 2.
@@ -203,6 +203,26 @@ COMMANDS: tuple[Command, ...] = (
                 arg("--gold-predicates", action="store_true",
                     help="with --conllu: write roles for the file's own predicates instead of predicted ones"),
                 arg("--output", "-o", default=None, help="write the predictions as CoNLL-U Plus to this file"),
+                DEVICE,
+            )),
+    Command("serve", "serve a checkpoint over HTTP: an OpenAI-compatible API and a playground page",
+            "Serve a checkpoint with FastAPI + uvicorn: a language model answers /v1/completions and "
+            "/v1/chat/completions (OpenAI's wire format, streaming, continuous batching), a translation or "
+            "summarization checkpoint /v1/completions, a sentiment checkpoint /v1/classify, an SRL checkpoint "
+            "/v1/srl; GET /v1/models, /health, and a playground page at /. Needs `pip install 'lmforge[serve]'`. "
+            "SIGINT/SIGTERM stop taking requests, finish the running ones, then exit.",
+            c.cmd_serve, (
+                checkpoint(what="run directory or checkpoint directory (any task)"),
+                arg("--host", default="127.0.0.1",
+                    help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface)"),
+                arg("--port", type=int, default=8000, help="port (default: 8000)"),
+                arg("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ (default: the "
+                                                    "LMFORGE_API_KEY environment variable, else no key)"),
+                arg("--max-batch", type=int, default=32, help="sequences decoded together (default: 32)"),
+                arg("--max-queue", type=int, default=256,
+                    help="requests waiting for a slot before new ones get 429 (default: 256)"),
+                arg("--max-tokens-limit", type=int, default=None,
+                    help="largest max_tokens a request may ask for (default: the model's context length)"),
                 DEVICE,
             )),
     Command("lora-merge", "fold a LoRA task checkpoint's adapters into its weights",

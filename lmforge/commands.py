@@ -252,6 +252,26 @@ def cmd_srl(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"wrote {args.output}", file=sys.stderr)
 
 
+def cmd_serve(args: argparse.Namespace, overrides: list[str]) -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise LMForgeError(f"lmforge serve needs {e.name}; install it with: pip install 'lmforge[serve]'") from None
+    from lmforge.serve.app import serve
+
+    for name in ("max_batch", "max_queue", "max_tokens_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise LMForgeError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    api_key = args.api_key or os.environ.get("LMFORGE_API_KEY") or None
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: serving on {args.host} without an API key; anyone who reaches it can use it "
+              "(set --api-key or LMFORGE_API_KEY)", file=sys.stderr)
+    serve(args.checkpoint, args.host, args.port, api_key=api_key, device=args.device, max_batch=args.max_batch,
+          max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit)
+
+
 def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.tasks.head import merge_lora_checkpoint
 
