@@ -9,6 +9,7 @@ The field docstrings (the ``#:`` comments) double as the CLI's ``--help``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -286,8 +287,20 @@ class TrainConfig:
                 raise LMForgeError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps < 0 or self.warmup_steps < 0:
             raise LMForgeError("train.max_steps and train.warmup_steps must not be negative")
+        for name in ("lr", "min_lr", "muon_lr", "weight_decay", "grad_clip", "max_minutes", "fresh_lr_scale"):
+            if not math.isfinite(getattr(self, name)):
+                raise LMForgeError(f"train.{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LMForgeError(f"train.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise LMForgeError(f"train.min_lr must be between 0 and train.lr ({self.lr}), got {self.min_lr}")
+        if self.decay_steps is not None and self.decay_steps < self.warmup_steps:
+            raise LMForgeError(f"train.decay_steps ({self.decay_steps}) must not be below train.warmup_steps "
+                               f"({self.warmup_steps}); raise decay_steps or lower warmup_steps")
+        if not 0 <= self.seed < 2**32:
+            raise LMForgeError(f"train.seed must be between 0 and 2**32 - 1, got {self.seed}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise LMForgeError(f"train.beta1 and train.beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
 
 
 @dataclass

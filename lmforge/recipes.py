@@ -145,6 +145,10 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None,
         path = resolve_recipe(recipe)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise LMForgeError(f"recipe {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        except OSError as e:
+            raise LMForgeError(f"cannot read recipe {path} ({e.strerror}); give a readable YAML file") from None
         except yaml.YAMLError as e:
             raise LMForgeError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
         if not isinstance(loaded, dict):
@@ -152,6 +156,9 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None,
         for section, values in loaded.items():
             if section not in SECTIONS:
                 raise LMForgeError(f"unknown section '{section}' in {path}; use one of {', '.join(SECTIONS)}")
+            if values is not None and not isinstance(values, dict):
+                raise LMForgeError(f"section '{section}' of {path} must be a mapping of keys to values "
+                                   f"(indented key: value lines under '{section}:'), got {values!r}")
             raw.setdefault(section, {}).update(values or {})
     for section, values in parse_overrides(overrides or []).items():
         raw.setdefault(section, {}).update(values)

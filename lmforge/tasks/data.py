@@ -303,6 +303,7 @@ class TokenBatcher:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.seed = int(state.get("seed", self.seed))  # the run's data order, even if train.seed changed since
         self._batches = self._epoch_batches(self.epoch)
 
 

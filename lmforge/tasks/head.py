@@ -120,6 +120,7 @@ class ExampleSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self.seed = int(state.get("seed", self.seed))  # the run's data order, even if train.seed changed since
         self._order = self._perm()
 
 

@@ -143,6 +143,10 @@ def _check(s: Sentence) -> Sentence:
     words = s.word_rows
     if not words:
         raise LMForgeError(f"{s.path}:{s.line}: a sentence without word rows; give each sentence integer-id rows")
+    for k, i in enumerate(words, start=1):  # word ids run 1, 2, 3, ... within a sentence
+        if int(s.rows[i][0]) != k:
+            raise LMForgeError(f"{s.path}:{s.row_lines[i]}: word id {s.rows[i][0]} where {k} was expected "
+                               "(ids repeated, skipped or out of order); number the words 1, 2, 3, ... per sentence")
     if not s.annotated:
         return s
     for i in words:

@@ -158,24 +158,42 @@ def save_checkpoint(
     name = f"step_{step:06d}"
     final = ckpt_root / name
     tmp = ckpt_root / f".tmp_{name}_{os.getpid()}"
-    tmp.mkdir()
-    save_file(unique_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt"})
-    (tmp / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
-    shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
-    if optimizer is not None:
-        torch.save({
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
-            "rng": capture_rng_state(),
-        }, tmp / STATE_PT)
-    state_json = {"step": step, "sampler": sampler_state, "metrics": metrics or {}, **(extra or {})}
-    (tmp / STATE_JSON).write_text(json.dumps(state_json, indent=2) + "\n", encoding="utf-8")
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        save_file(unique_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+        shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        if optimizer is not None:
+            torch.save({
+                "step": step,
+                "optimizer": optimizer.state_dict(),
+                "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+                "rng": capture_rng_state(),
+            }, tmp / STATE_PT)
+        state_json = {"step": step, "sampler": sampler_state, "metrics": metrics or {}, **(extra or {})}
+        (tmp / STATE_JSON).write_text(json.dumps(state_json, indent=2) + "\n", encoding="utf-8")
+        for f in tmp.iterdir():
+            _fsync_file(f)
+        _fsync_dir(tmp)
+    except (OSError, RuntimeError) as e:  # disk full, read-only, quota: torch reports some as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)  # the previous checkpoint stays the latest
+        raise LMForgeError(f"cannot write checkpoint {final} ({_write_error(e, ckpt_root)}); the previous "
+                           "checkpoint is intact: free space or fix permissions, then --resume") from None
     _publish(ckpt_root, tmp, name, keep_last)
     return final
+
+
+def _write_error(e: Exception, where: Path) -> str:
+    """What went wrong writing into ``where``, in words (torch's zip writer hides ENOSPC)."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    if free is not None and free < (64 << 20):
+        return f"no space left on the device: {free >> 20} MiB free"
+    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
 
 
 def _publish(ckpt_root: Path, tmp: Path, name: str, keep_last: int) -> None:

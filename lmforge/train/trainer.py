@@ -239,6 +239,7 @@ def _fit(cfg: Config, objective: Objective, resume: bool, world: World, device: 
     grad_scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     start_step, elapsed_before = 0, 0.0
     if state is not None:
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
         try:
             if sharded:
                 sharded_io.load_sharded_checkpoint(resume_from, model, optimizer)
@@ -251,10 +252,8 @@ def _fit(cfg: Config, objective: Objective, resume: bool, world: World, device: 
                 f"the optimizer state in {resume_from} does not fit this model ({str(e).splitlines()[0]}); "
                 "resume from another checkpoint or start a new run"
             ) from None
-        for group, decay in zip(optimizer.param_groups, (tcfg.weight_decay, 0.0)):
-            group["weight_decay"] = decay  # the config may change these on resume
-            if "betas" in group:
-                group["betas"] = (tcfg.beta1, tcfg.beta2)
+        for group, setting in zip(optimizer.param_groups, settings):
+            group.update(setting)  # the recipe's settings (decay, betas, Muon's momentum and rate...) apply on resume
         if grad_scaler is not None and state.get("grad_scaler"):
             grad_scaler.load_state_dict(state["grad_scaler"])
         objective.load_state_dict(state["sampler"])
@@ -358,9 +357,11 @@ def _fit(cfg: Config, objective: Objective, resume: bool, world: World, device: 
                       "elapsed": elapsed_before + now - t_start}
             if objective.epoch() is not None:
                 record["epoch"] = objective.epoch()
-            if not math.isfinite(record["loss"]):
+            # float16's GradScaler skips steps with infinite gradients by design; anything else non-finite stops the run
+            bad = [k for k in ("loss", "grad_norm") if not math.isfinite(record[k]) and (k == "loss" or not grad_scaler)]
+            if bad:
                 raise LMForgeError(
-                    f"the training loss became {record['loss']} at step {step} (lr {lr:g}); nothing was saved "
+                    f"the training {bad[0].replace('_', ' ')} became {record[bad[0]]} at step {step} (lr {lr:g}); nothing was saved "
                     f"after step {start_step if checkpoint_path is None else checkpoint_path.name}: lower train.lr "
                     "or raise train.warmup_steps, and resume from the last good checkpoint")
             utilisation = hardware.mfu(speed, flops_per_item, peak)

@@ -1,0 +1,128 @@
+"""Bad input and faults: one clear line naming the problem and the fix, a non-zero exit, nothing damaged."""
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.errors import LMForgeError
+from lmforge.recipes import load_config
+from lmforge.tasks.lm import train
+from lmforge.train import checkpoint as ck
+
+WORDS = "the king hath sent for thee my lord and we shall go to france tomorrow".split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rel")
+    (root / "c.txt").write_text(" ".join(WORDS[i * 7 % len(WORDS)] for i in range(3000)), encoding="utf-8")
+    return root
+
+
+def tiny(root: Path, out: str, *extra: str):
+    return load_config(None, [f"--data.corpus={root / 'c.txt'}", f"--data.data_dir={root / 'data'}",
+                              "--data.tokenizer=char", f"--train.out_dir={root / out}", "--model.n_layer=1",
+                              "--model.d_model=16", "--model.n_head=2", "--model.block_size=16",
+                              "--train.batch_size=4", "--train.eval_batches=1", "--train.progress=false",
+                              "--train.tensorboard=false", "--train.device=cpu", "--train.dtype=float32",
+                              "--train.max_steps=4", "--train.warmup_steps=1", "--train.log_interval=1", *extra])
+
+
+def one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("text, words", [
+    (b"model: 3\n", "section 'model'"),
+    (b"train:\n  - 1\n  - 2\n", "section 'train'"),
+    (b"model:\n  n_layer: 2 \xe9\n", "not UTF-8"),
+    (b"model: [unclosed\n", "not valid YAML"),
+])
+def test_recipes_of_the_wrong_shape_or_encoding(tmp_path, capsys, text, words):
+    (tmp_path / "r.yaml").write_bytes(text)
+    assert words in one_line_error(capsys, ["train", "-c", str(tmp_path / "r.yaml")])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("--train.lr=nan", "train.lr must be a finite number"),
+    ("--train.lr=inf", "train.lr must be a finite number"),
+    ("--train.seed=-1", "train.seed must be between 0 and 2**32 - 1"),
+    ("--train.min_lr=1", "train.min_lr must be between 0 and train.lr"),
+    ("--train.decay_steps=10", "must not be below train.warmup_steps"),
+    ("--train.beta2=1.5", "train.beta1 and train.beta2"),
+])
+def test_settings_that_cannot_train(capsys, override, words):
+    assert words in one_line_error(capsys, ["train", override, "--train.warmup_steps=50"])
+
+
+def test_a_non_finite_step_stops_before_anything_is_saved(corpus):
+    cfg = tiny(corpus, "nan", "--train.lr=1e4", "--train.warmup_steps=0", "--train.grad_clip=0",
+               "--train.ckpt_interval=1", "--train.max_steps=50")
+    with pytest.raises(LMForgeError, match=r"the training (loss|grad norm) became (nan|inf) at step \d+") as e:
+        train(cfg)
+    assert "\n" not in str(e.value)
+    for _, ckpt in ck.step_dirs(corpus / "nan" / "checkpoints"):  # every checkpoint written holds finite weights
+        from safetensors.torch import load_file
+
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values())
+
+
+def test_a_full_disk_while_checkpointing_names_the_problem_and_keeps_the_last_checkpoint(corpus, monkeypatch):
+    train(tiny(corpus, "full", "--train.max_steps=2"))
+    before = ck.latest_checkpoint(corpus / "full")
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", no_space)
+    with pytest.raises(LMForgeError, match="No space left on device.*previous checkpoint is intact") as e:
+        train(tiny(corpus, "full", "--train.max_steps=4"), resume=True)
+    assert "\n" not in str(e.value)
+    assert ck.latest_checkpoint(corpus / "full") == before
+    assert not list((corpus / "full" / "checkpoints").glob(".tmp_*"))  # no half-written checkpoint left
+    monkeypatch.undo()
+    assert train(tiny(corpus, "full", "--train.max_steps=4"), resume=True)["steps"] == 4
+
+
+def test_changed_muon_settings_apply_on_resume(corpus):
+    train(tiny(corpus, "muon", "--train.optimizer=muon", "--train.max_steps=2", "--train.muon_momentum=0.9"))
+    state = ck.load_train_state(ck.latest_checkpoint(corpus / "muon"))
+    assert {g.get("momentum") for g in state["optimizer"]["param_groups"]} >= {0.9}
+    train(tiny(corpus, "muon", "--train.optimizer=muon", "--train.max_steps=3", "--train.muon_momentum=0.8",
+               "--train.muon_lr=0.01"), resume=True)
+    groups = ck.load_train_state(ck.latest_checkpoint(corpus / "muon"))["optimizer"]["param_groups"]
+    muon = [g for g in groups if g.get("muon")]
+    assert muon and all(g["momentum"] == 0.8 for g in muon)
+    lr = [g for g in groups if not g.get("muon")][0]["lr"]
+    assert muon[0]["lr"] == pytest.approx(lr * 0.01 / 1e-3)  # the new muon_lr / lr ratio
+
+
+def test_a_task_sampler_keeps_the_runs_seed_on_resume():
+    from lmforge.tasks.data import TokenBatcher
+    from lmforge.tasks.head import ExampleSampler
+
+    lengths = torch.randint(2, 9, (50, 2)).numpy()
+    for make in (lambda seed: TokenBatcher(lengths, 40, seed), lambda seed: ExampleSampler(50, 4, seed)):
+        a = make(1)
+        [a.next_batch() for _ in range(30)]
+        b = make(2)  # a resumed run whose recipe now says another seed
+        b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+        assert [a.next_batch() for _ in range(30)] == [b.next_batch() for _ in range(30)]
+
+
+def test_conllu_with_repeated_word_ids_is_refused(tmp_path):
+    from lmforge.tasks.srl_data import read_conllu
+
+    row = lambda i, w: "\t".join([str(i), w, w, "X", "X", "_", "0", "dep", "_", "_", "_"])  # noqa: E731
+    (tmp_path / "d.conllu").write_text("\n".join(["# sent_id = 1", row(1, "a"), row(2, "b"), row(2, "c")]) + "\n")
+    with pytest.raises(LMForgeError, match=r"d.conllu:4: word id 2 where 3 was expected"):
+        read_conllu(tmp_path / "d.conllu")
