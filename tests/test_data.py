@@ -381,3 +381,17 @@ def test_split_too_short(dataset):
         next(eval_batches(ds, 3_001, 1))
     x, y = BlockSampler(ds, block_size=3_000, batch_size=2, seed=0).next_batch()  # exactly one window fits
     assert x[1].tolist() == x[0].tolist() == tokens[:3_000].tolist() and y[0].tolist() == tokens[1:].tolist()
+
+
+def test_eval_batches_sequential_score_the_tail_once():
+    from lmforge.evaluate import ArrayDataset
+
+    tokens = np.arange(3051) % 97
+    ds = ArrayDataset(tokens)
+    seen = []
+    for _, y in eval_batches(ds, 100, 7):
+        for row in y.tolist():
+            seen += [t for t in row if t != -100]
+    assert seen == tokens[1:].tolist()  # every token after the first, exactly once, in order
+    x, y = list(eval_batches(ds, 100, 7))[-1]  # the tail window's inputs stay tokens
+    assert x.tolist()[0] == tokens[-101:-1].tolist()

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from lmforge.data.padding import IGNORE_INDEX
 from lmforge.data.shards import TokenDataset
 from lmforge.errors import LMForgeError
 
@@ -88,8 +89,9 @@ def eval_batches(dataset: TokenDataset, block_size: int, batch_size: int, n_batc
     """Batches for evaluation.
 
     Without ``seed``: sequential, non-overlapping windows from the start of the split (the targets
-    of consecutive windows tile the split; the last batch may be smaller and a tail shorter than
-    ``block_size`` is left out). With ``seed``: random windows from a fresh generator, the same
+    of consecutive windows tile the split; the last batch may be smaller), then for a tail shorter
+    than ``block_size`` one more window ending at the last token whose earlier targets are
+    IGNORE_INDEX: every token after the first is predicted exactly once. With ``seed``: random windows from a fresh generator, the same
     on every call; ``n_batches`` defaults to as many as a sequential pass would give.
     """
     _check_length(dataset, block_size)
@@ -100,6 +102,13 @@ def eval_batches(dataset: TokenDataset, block_size: int, batch_size: int, n_batc
         batches = [sequential[i:i + batch_size] for i in range(0, len(sequential), batch_size)]
         for starts in batches[:n_batches]:
             yield _to_xy(dataset, starts, block_size)
+        covered = len(sequential) * block_size  # targets 1..covered are scored
+        if (n_batches is None or n_batches >= len(batches)) and covered < len(dataset) - 1:
+            start = len(dataset) - block_size - 1  # the tail: one last window, only its new targets count
+            x, y = _to_xy(dataset, np.array([start]), block_size)
+            y = y.clone()  # x and y can share one window's memory
+            y[:, :covered - start] = IGNORE_INDEX
+            yield x, y
         return
     rng = np.random.Generator(np.random.PCG64(_entropy(seed)))
     n_batches = n_batches if n_batches is not None else max(1, -(-len(sequential) // batch_size))
