@@ -126,3 +126,38 @@ def test_conllu_with_repeated_word_ids_is_refused(tmp_path):
     (tmp_path / "d.conllu").write_text("\n".join(["# sent_id = 1", row(1, "a"), row(2, "b"), row(2, "c")]) + "\n")
     with pytest.raises(LMForgeError, match=r"d.conllu:4: word id 2 where 3 was expected"):
         read_conllu(tmp_path / "d.conllu")
+
+
+def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path):
+    import os
+    import pickle
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from lmforge.config import ModelConfig
+    from lmforge.model import DecoderLM
+    from lmforge.train.sharded import load_sharded_checkpoint
+
+    model = DecoderLM(ModelConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, d_model=16))
+    optimizer = torch.optim.AdamW(model.parameters())
+    good = tmp_path / "good"
+    with warnings.catch_warnings():  # one process writing DCP is intended here
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model.state_dict()}, checkpoint_id=str(good / "dcp"), no_dist=True)
+    from lmforge.train.sharded import check_dcp_metadata
+
+    check_dcp_metadata(good / "dcp" / ".metadata")  # a real one passes
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    bad = tmp_path / "bad"
+    (bad / "dcp").mkdir(parents=True)
+    (bad / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(LMForgeError, match=r"refers to (posix|os)\.system.*refusing it") as e:
+        load_sharded_checkpoint(bad, model, optimizer)
+    assert "\n" not in str(e.value) and not marker.exists()

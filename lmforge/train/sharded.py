@@ -1,7 +1,8 @@
 """Checkpoints of a multi-process run: every rank writes its shards, any number of processes reads them.
 
 Model and optimizer state go through ``torch.distributed.checkpoint`` into ``dcp/`` (only tensors,
-so nothing is unpickled on load), so a run resumes at any world size; rank 0 also writes the
+and DCP's ``.metadata`` pickle is read first by an unpickler that resolves only DCP's own record
+classes, so nothing that could run code is unpickled), so a run resumes at any world size; rank 0 also writes the
 consolidated ``model.safetensors`` that generate, eval and export read. The temp-dir-and-rename
 protocol of :mod:`lmforge.train.checkpoint` makes a checkpoint appear complete or not at all.
 """
@@ -47,7 +48,7 @@ def save_sharded_checkpoint(
     run can resume on any number of processes. Rank 0 also writes the consolidated
     ``model.safetensors`` (for generate, eval and export), ``config.json``, ``tokenizer.json`` and
     ``train_state.json``; each rank writes its RNG state to ``rng/rank_NNNNN.pt``. Only tensors go
-    into ``dcp/``, so nothing has to be unpickled on load. The same temp-dir-and-rename protocol
+    into ``dcp/``; its ``.metadata`` is checked by :func:`check_dcp_metadata` before it is read. The same temp-dir-and-rename protocol
     as :func:`save_checkpoint` makes the checkpoint appear complete or not at all.
     """
     import torch.distributed as dist
@@ -103,6 +104,50 @@ def load_sharded_train_state(ckpt: str | Path, rank: int) -> dict[str, Any]:
             "dtype": info.get("dtype")}
 
 
+class _MetadataOnly:
+    """What a DCP ``.metadata`` pickle may refer to: DCP's own record classes, torch's dtypes and
+    ``Size``, paths and plain containers. Anything else (a function that runs code) is refused."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+             ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+             ("pathlib", "PureWindowsPath"), ("builtins", "set"), ("builtins", "frozenset")}
+
+    @classmethod
+    def allowed(cls, module: str, name: str) -> bool:
+        if (module, name) in cls.NAMES:
+            return True
+        if module == "torch":
+            return isinstance(getattr(torch, name, None), torch.dtype)
+        if module in cls.MODULES:
+            import importlib
+
+            return isinstance(getattr(importlib.import_module(module), name, None), type)
+        return False
+
+
+def check_dcp_metadata(path: Path) -> None:
+    """Read ``dcp/.metadata`` with an unpickler that resolves only :class:`_MetadataOnly` names, so
+    a file that would run code is refused before torch's reader (a plain ``pickle.load``) sees it."""
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if not _MetadataOnly.allowed(module, name):
+                raise LMForgeError(f"{path} refers to {module}.{name}, which checkpoint metadata never holds "
+                                   "(loading it could run code); refusing it: resume from another checkpoint")
+            return super().find_class(module, name)
+
+    try:
+        with open(path, "rb") as f:
+            Restricted(f).load()
+    except LMForgeError:
+        raise
+    except Exception as e:
+        raise LMForgeError(f"{path} is corrupt or truncated ({type(e).__name__}); resume from another checkpoint "
+                           "(e.g. the previous step)") from None
+
+
 def load_sharded_checkpoint(ckpt: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load ``dcp/`` into ``model`` and ``optimizer`` at this run's world size (any; one process too).
 
@@ -120,6 +165,7 @@ def load_sharded_checkpoint(ckpt: str | Path, model: nn.Module, optimizer: torch
 
     import torch.distributed as dist
 
+    check_dcp_metadata(ckpt / DCP_DIR / ".metadata")
     try:
         with warnings.catch_warnings():  # one process reading a sharded checkpoint is intended here
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
