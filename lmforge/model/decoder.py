@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
-from lmforge.model.layers import Block, KVCache, init_gpt_style, make_norm, position_encoding
+from lmforge.model.layers import (Block, KVCache, embedding_scale, init_for_scaled_embeddings, init_gpt_style, make_norm,
+                                  position_encoding)
 
 
 class DecoderLM(nn.Module):
@@ -31,6 +32,7 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.emb_scale = embedding_scale(cfg)
         self.init_weights()
 
     @torch.no_grad()
@@ -40,6 +42,8 @@ class DecoderLM(nn.Module):
         GPT-2, so the residual stream's variance does not grow with depth. Safe to call again after
         building on the meta device and materialising (``to_empty``): the model has no buffers."""
         init_gpt_style(self, self.cfg.init_std, self.cfg.n_layer)
+        if self.emb_scale != 1.0:  # sinusoidal positions: the original Transformer's start
+            init_for_scaled_embeddings(self, [self.tok_emb], self.cfg.d_model)
 
     def new_cache(self, batch_size: int, max_len: int, device: torch.device | str | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
@@ -77,6 +81,8 @@ class DecoderLM(nn.Module):
             positions = positions.unsqueeze(0)
 
         x = self.tok_emb(idx)
+        if self.emb_scale != 1.0:
+            x = x * self.emb_scale
         if self.pos_emb is not None:
             x = self.pos_emb(x, positions)  # added, never multiplied
         x = self.drop(x)

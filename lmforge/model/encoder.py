@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
-from lmforge.model.layers import init_gpt_style, make_norm, position_encoding
+from lmforge.model.layers import embedding_scale, init_for_scaled_embeddings, init_gpt_style, make_norm, position_encoding
 from lmforge.model.seq2seq import Seq2SeqBlock
 
 
@@ -58,6 +58,7 @@ class EncoderModel(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = Encoder(cfg)
         self.pooler = nn.Linear(cfg.d_model, cfg.d_model, bias=True) if cfg.pooler else None
+        self.emb_scale = embedding_scale(cfg)
         self.init_weights()
 
     @torch.no_grad()
@@ -65,6 +66,8 @@ class EncoderModel(nn.Module):
         """As ``DecoderLM.init_weights``: normal(0, init_std), residual projections scaled by
         1/sqrt(2 * n_layer), zero biases, unit norms."""
         init_gpt_style(self, self.cfg.init_std, self.cfg.n_layer)
+        if self.emb_scale != 1.0:  # sinusoidal positions: the original Transformer's start
+            init_for_scaled_embeddings(self, [self.tok_emb], self.cfg.d_model)
 
     def forward(
         self,
@@ -91,6 +94,8 @@ class EncoderModel(nn.Module):
         elif positions.dim() == 1:
             positions = positions.unsqueeze(0)
         x = self.tok_emb(idx)
+        if self.emb_scale != 1.0:
+            x = x * self.emb_scale
         if self.pos_emb is not None:
             x = self.pos_emb(x, positions)
         if self.type_emb is not None:

@@ -40,7 +40,7 @@ def trunk_states(trunk: nn.Module, idx: torch.Tensor, attention_mask: torch.Tens
         raise LMForgeError(f"input of {T} tokens is longer than the model's context ({cfg.block_size}); "
                            "lower task.max_source_len")
     positions = torch.arange(T, device=idx.device).unsqueeze(0)
-    x = trunk.tok_emb(idx)
+    x = trunk.tok_emb(idx) * getattr(trunk, "emb_scale", 1.0)
     if trunk.pos_emb is not None:
         x = trunk.pos_emb(x, positions)
     if getattr(trunk, "type_emb", None) is not None:

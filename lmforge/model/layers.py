@@ -137,6 +137,26 @@ def init_gpt_style(model: nn.Module, std: float, n_layer: int) -> None:
             module.reset_parameters()
 
 
+def embedding_scale(cfg: ModelConfig) -> float:
+    """sqrt(d_model) with sinusoidal positions (the original Transformer's rule), else 1: the token
+    embeddings are multiplied by it so that unit-amplitude sinusoids do not drown them."""
+    return math.sqrt(cfg.d_model) if cfg.pos_encoding == "sinusoidal" else 1.0
+
+
+@torch.no_grad()
+def init_for_scaled_embeddings(model: nn.Module, tables: list[nn.Embedding], d_model: int) -> None:
+    """With embeddings scaled by sqrt(d_model): token tables normal(0, 1/sqrt(d_model)), so scaled
+    tokens have unit variance per feature beside the sinusoids' 1/2, and every linear layer (but
+    an output layer tied to a table) Xavier-uniform, so sublayers write O(1) values into an O(1)
+    residual stream (GPT-style 0.02 would add ~1% to it and learning would crawl)."""
+    tied = {id(t.weight) for t in tables}
+    for table in tables:
+        nn.init.normal_(table.weight, mean=0.0, std=d_model ** -0.5)
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in tied:
+            nn.init.xavier_uniform_(module.weight)
+
+
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight (no centring, no bias), computed in float32."""
 

@@ -34,6 +34,9 @@ from lmforge.model.layers import (
     MultiHeadAttention,
     PositionalEncoding,
     RotaryEmbedding,
+    embedding_scale,
+    init_for_scaled_embeddings,
+    init_gpt_style,
     make_norm,
 )
 
@@ -177,7 +180,7 @@ class Seq2SeqLM(nn.Module):
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         # As in the paper (section 3.4) sinusoidally-positioned embeddings are multiplied by
         # sqrt(d_model), so that the unit-amplitude positions do not drown the tokens (init_weights).
-        self.emb_scale = math.sqrt(cfg.d_model) if cfg.pos_encoding == "sinusoidal" else 1.0
+        self.emb_scale = embedding_scale(cfg)
         # embed_norm: a norm over the summed embeddings of each side (an encoder-decoder started from BERT)
         self.src_embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
@@ -208,14 +211,10 @@ class Seq2SeqLM(nn.Module):
         thousands of steps to learn to read the source at all (a 3 + 3-block model at lr 3e-3
         stayed at chance on copying 10-30 random tokens for 800 steps; with Xavier it reaches
         0.35 nats/token in 500)."""
-        DecoderLM.init_weights(self)
+        init_gpt_style(self, self.cfg.init_std, self.cfg.n_layer)
         if self.emb_scale != 1.0:
-            for table in (self.tok_emb, self.src_emb):
-                if table is not None:
-                    nn.init.normal_(table.weight, mean=0.0, std=self.cfg.d_model ** -0.5)
-            for module in self.modules():
-                if isinstance(module, nn.Linear) and module.weight is not self.tok_emb.weight:
-                    nn.init.xavier_uniform_(module.weight)
+            init_for_scaled_embeddings(self, [t for t in (self.tok_emb, self.src_emb) if t is not None],
+                                       self.cfg.d_model)
 
     def _embed(self, ids: torch.Tensor, table: nn.Embedding, pos: nn.Module | None, norm: nn.Module | None,
                start: int):
