@@ -161,3 +161,19 @@ def test_a_sharded_checkpoint_whose_metadata_would_run_code_is_refused(tmp_path)
     with pytest.raises(LMForgeError, match=r"refers to (posix|os)\.system.*refusing it") as e:
         load_sharded_checkpoint(bad, model, optimizer)
     assert "\n" not in str(e.value) and not marker.exists()
+
+
+def test_a_train_state_that_would_run_code_is_refused_as_such(corpus, tmp_path):
+    import os
+
+    train(tiny(corpus, "evil", "--train.max_steps=2"))
+    ckpt = ck.latest_checkpoint(corpus / "evil")
+
+    class Payload:
+        def __reduce__(self):
+            return os.getcwd, ()
+
+    torch.save({"step": 2, "optimizer": Payload(), "rng": None}, ckpt / "train_state.pt")
+    with pytest.raises(LMForgeError, match=r"refused .*train_state.pt: it holds posix.getcwd.*could run code") as e:
+        train(tiny(corpus, "evil", "--train.max_steps=4"), resume=True)
+    assert "\n" not in str(e.value)

@@ -64,10 +64,14 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for forbidden globals, others for damaged files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        from lmforge.train.checkpoint import refused_global
+
+        refused = refused_global(e)
+        why = (f"it holds {refused}, which a weights_only load refuses" if refused
+               else f"{type(e).__name__}: it does not load with weights_only=True")
         raise LMForgeError(
-            f"refused to load {path}: it is not a plain tensor file that loads with weights_only=True ({first[:160]}); "
-            "lmforge never unpickles code, so convert the checkpoint to safetensors with a tool you trust"
+            f"refused to load {path} ({why}); lmforge never unpickles code, so convert the checkpoint to "
+            "safetensors with a tool you trust"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

@@ -361,11 +361,26 @@ def load_weights(model: nn.Module, ckpt: str | Path, device: str | torch.device 
     model.load_state_dict(state, strict=False)
 
 
+def refused_global(e: Exception) -> str | None:
+    """The object a ``weights_only`` load refused (e.g. ``posix.system``), or None for another error."""
+    import pickle
+    import re
+
+    if not isinstance(e, pickle.UnpicklingError):
+        return None
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    return found.group(1) if found else "an object that is not a tensor"
+
+
 def _load_tensors(path: Path) -> Any:
     """A ``.pt`` file of tensors and plain values, never running code (``weights_only``)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        refused = refused_global(e)
+        if refused is not None:
+            raise LMForgeError(f"refused {path}: it holds {refused}, not only tensors and plain values (loading it "
+                               "could run code); resume from another checkpoint") from None
         raise LMForgeError(
             f"{path} is corrupt or truncated ({type(e).__name__}); resume from another checkpoint (e.g. the previous step)"
         ) from None
