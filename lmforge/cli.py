@@ -58,7 +58,9 @@ def batch_size(default: int, what: str) -> Arg:
     return arg("--batch-size", type=int, default=default, help=f"{what} (default: {default})")
 
 
-RESUME = arg("--resume", action="store_true", help="continue exactly from the latest checkpoint in train.out_dir")
+RESUME = arg("--resume", nargs="?", const=True, default=False, metavar="CKPT",
+             help="continue exactly from the latest checkpoint in train.out_dir, or from the one named: a step "
+                  "number (e.g. --resume 500) or a checkpoint directory of this run")
 QUIET = arg("--quiet", "-q", action="store_true", help="no progress bar")
 DEVICE = arg("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
 

@@ -50,11 +50,32 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     print_summary({k: v for k, v in summary.items() if not isinstance(v, (list, dict))})
 
 
+def _not_utf8(where: str, e: UnicodeDecodeError) -> LMForgeError:
+    return LMForgeError(f"{where} is not UTF-8 text (byte {e.start + 1}: {e.object[e.start:e.start + 1]!r}); "
+                        "convert it to UTF-8, e.g. with `iconv -f latin1 -t utf-8`")
+
+
+def _stdin_lines():
+    """Lines of standard input, decoded as UTF-8 (one clear error for anything else)."""
+    for n, raw in enumerate(sys.stdin.buffer, start=1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(f"standard input (line {n})", e) from None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(str(path), e) from None
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
         return [_unescape(p) for p in args.prompt]
     if not sys.stdin.isatty():
-        text = sys.stdin.read()
+        text = "".join(_stdin_lines())
         lines = [ln for ln in text.splitlines() if ln.strip()] if args.lines else [text]
         if lines and any(lines):
             return lines
@@ -83,18 +104,21 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
     prompts = _read_prompts(args) * args.num_samples
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     stream = None
+    shown = []  # the prompt goes out with the first token: a bad argument is reported before anything
     if len(prompts) == 1 and not args.no_stream:
         def stream(row: int, text: str) -> None:
+            if not shown:
+                sys.stdout.write(prompts[0])
+                shown.append(True)
             sys.stdout.write(text)
             sys.stdout.flush()
-        sys.stdout.write(prompts[0])
     outputs = generate_text(
         model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
         generator=generator, stream=stream,
     )
     if stream is not None:
-        sys.stdout.write("\n")
+        sys.stdout.write(("" if shown else prompts[0]) + "\n")
         return
     for i, (prompt, out) in enumerate(zip(prompts, outputs)):
         if len(prompts) > 1:
@@ -212,9 +236,9 @@ def _text_inputs(args: argparse.Namespace) -> list[str]:
         p = Path(args.file)
         if not p.is_file():
             raise LMForgeError(f"input file {p} not found; give a text file with one input per line")
-        texts = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        texts = [ln for ln in _read_text(p).splitlines() if ln.strip()]
     elif not sys.stdin.isatty():
-        texts = [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
+        texts = [ln.rstrip("\n") for ln in _stdin_lines() if ln.strip()]
     else:
         raise LMForgeError("no input; give the text as an argument, --file FILE, or pipe lines into stdin")
     if not texts or not any(t.strip() for t in texts):
@@ -320,16 +344,16 @@ def _task_inputs(args: argparse.Namespace, texts: list[str] | None, source_key: 
         if not p.is_file():
             raise LMForgeError(f"input file {p} not found; give a text file (one input per line) or JSONL")
         if getattr(args, "whole", False):
-            return iter([p.read_text(encoding="utf-8")])
+            return iter([_read_text(p)])
         if file_format(p) == "jsonl" or p.suffix.lower() == ".tsv":
             pairs, report = read_examples(p, source_key, None)
             if report.skipped:
                 print(f"note: {report.summary()}", file=sys.stderr)
             return iter([s for s, _ in pairs])
-        return (line for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+        return (line for line in _read_text(p).splitlines() if line.strip())
     if sys.stdin.isatty():
         raise LMForgeError("no input; give the text as an argument, --file FILE, or pipe lines into stdin")
-    return (line.rstrip("\n") for line in sys.stdin if line.strip())
+    return (line.rstrip("\n") for line in _stdin_lines() if line.strip())
 
 
 def _run_task(args: argparse.Namespace, task: str, texts: list[str] | None) -> None:

@@ -177,3 +177,37 @@ def test_a_train_state_that_would_run_code_is_refused_as_such(corpus, tmp_path):
     with pytest.raises(LMForgeError, match=r"refused .*train_state.pt: it holds posix.getcwd.*could run code") as e:
         train(tiny(corpus, "evil", "--train.max_steps=4"), resume=True)
     assert "\n" not in str(e.value)
+
+
+def lmforge_proc(*args, cwd, stdin: bytes | None = None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], cwd=cwd, input=stdin,
+                          capture_output=True, env=env, timeout=300)
+
+
+def test_resume_from_a_named_checkpoint_and_cli_inputs(corpus):
+    """--resume STEP continues from that step exactly; non-UTF-8 standard input is one line; generate
+    checks its arguments before it prints the prompt."""
+    whole = train(tiny(corpus, "named-whole", "--train.ckpt_interval=2", "--train.max_steps=6"))
+    train(tiny(corpus, "named", "--train.ckpt_interval=2", "--train.max_steps=6"))
+    with pytest.raises(LMForgeError, match="has no checkpoint of step 3; it has steps 4, 6"):
+        train(tiny(corpus, "named", "--train.max_steps=6"), resume="3")
+    again = train(tiny(corpus, "named", "--train.ckpt_interval=2", "--train.max_steps=6"), resume="4")
+    assert again["steps"] == 6 and again["train_loss"] == whole["train_loss"]
+    logged = [json.loads(line)["step"] for line in (corpus / "named" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5, 6]  # the steps after 4 were logged again, once
+    with pytest.raises(LMForgeError, match="is not a checkpoint of the run"):
+        train(tiny(corpus, "named", "--train.max_steps=6"), resume=str(corpus / "named-whole"))
+
+    run = corpus / "named"
+    proc = lmforge_proc("generate", run, "--max-new-tokens", "5", cwd=corpus, stdin=b"KING: caf\xe9\n")
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "standard input (line 1) is not UTF-8" in err[0], err
+    proc = lmforge_proc("generate", run, "--prompt", "KING:", "--top-p", "1.5", cwd=corpus)
+    assert proc.returncode == 2 and proc.stdout == b"" and b"top_p" in proc.stderr
+    proc = lmforge_proc("generate", run, "--prompt", "KING:", "--max-new-tokens", "3", "--greedy", cwd=corpus)
+    assert proc.returncode == 0 and proc.stdout.decode().startswith("KING:")

@@ -130,6 +130,22 @@ def _load_state(resume_from: Path, world: World) -> tuple[dict, bool]:
     return state, sharded
 
 
+def _named_checkpoint(out_dir: Path, name: str | int) -> Path:
+    """The checkpoint of this run that ``--resume CKPT`` names: a step number or a checkpoint directory."""
+    steps = ckpt_io.step_dirs(out_dir / ckpt_io.CHECKPOINTS)
+    have = ", ".join(str(step) for step, _ in steps)
+    if str(name).isdigit():
+        found = [path for step, path in steps if step == int(name)]
+        if not found:
+            raise LMForgeError(f"{out_dir} has no checkpoint of step {name}; it has steps {have}")
+        return found[0]
+    path = Path(name)
+    if not any(path.resolve() == p.resolve() for _, p in steps):
+        raise LMForgeError(f"{name} is not a checkpoint of the run in {out_dir} (steps {have}); --resume continues "
+                           "this run, give a step number, or start from other weights with --train.init_from")
+    return path
+
+
 def _run_dtype(tcfg, device: torch.device, world: World, state: dict | None, objective: Objective,
                model: nn.Module) -> torch.dtype:
     """train.dtype; auto is taken from the checkpoint a run resumes, else chosen by measuring.
@@ -162,11 +178,12 @@ def _run_dtype(tcfg, device: torch.device, world: World, state: dict | None, obj
     return dtype
 
 
-def fit(cfg: Config, objective: Objective, resume: bool = False) -> dict[str, Any]:
+def fit(cfg: Config, objective: Objective, resume: bool | str | int = False) -> dict[str, Any]:
     """Train ``objective``'s model with ``cfg``'s settings; returns a summary of the run.
 
     ``resume=True`` continues from the latest checkpoint in ``cfg.train.out_dir`` exactly where
-    it stopped (same weights, optimizer, schedule, data stream, RNG and dtype). Otherwise
+    it stopped (same weights, optimizer, schedule, data stream, RNG and dtype); a step number or a
+    checkpoint directory of that run continues from that one instead. Otherwise
     ``out_dir`` must hold no checkpoints, and ``train.init_from`` may name a checkpoint whose
     weights (not optimizer) start the run.
 
@@ -194,7 +211,8 @@ def fit(cfg: Config, objective: Objective, resume: bool = False) -> dict[str, An
         dist_io.shutdown(world)
 
 
-def _fit(cfg: Config, objective: Objective, resume: bool, world: World, device: torch.device) -> dict[str, Any]:
+def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: World,
+         device: torch.device) -> dict[str, Any]:
     tcfg = cfg.train
     is_main = world.is_main  # only the main process logs and writes files
     say = say_stderr if is_main else (lambda *_: None)
@@ -212,7 +230,7 @@ def _fit(cfg: Config, objective: Objective, resume: bool, world: World, device: 
     if resume:
         if not existing:
             raise LMForgeError(f"no checkpoint to resume in {out_dir}; start without --resume")
-        resume_from = ckpt_io.latest_checkpoint(out_dir)
+        resume_from = ckpt_io.latest_checkpoint(out_dir) if resume is True else _named_checkpoint(out_dir, resume)
         state, sharded = _load_state(resume_from, world)
     elif existing:
         raise LMForgeError(f"{out_dir} already holds checkpoints of an earlier run; pass --resume to continue it "
