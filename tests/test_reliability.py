@@ -211,3 +211,29 @@ def test_resume_from_a_named_checkpoint_and_cli_inputs(corpus):
     assert proc.returncode == 2 and proc.stdout == b"" and b"top_p" in proc.stderr
     proc = lmforge_proc("generate", run, "--prompt", "KING:", "--max-new-tokens", "3", "--greedy", cwd=corpus)
     assert proc.returncode == 0 and proc.stdout.decode().startswith("KING:")
+
+
+def test_a_directory_that_cannot_be_written_is_one_line(corpus, tmp_path, monkeypatch):
+    """A read-only train.out_dir or data.data_dir (simulated: this suite may run as root, whom file
+    modes do not stop)."""
+    import os
+
+    from lmforge import lock
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(lock.os, "open", read_only)
+    cfg = tiny(corpus, "ro")
+    cfg.train.out_dir = str(tmp_path / "ro")
+    with pytest.raises(LMForgeError, match=r"cannot write .*ro.*Permission denied.*writable directory") as e:
+        train(cfg)
+    assert "\n" not in str(e.value)
+    cfg = tiny(corpus, "ro2")
+    cfg.data.data_dir = str(tmp_path / "data")
+    with pytest.raises(LMForgeError, match=r"cannot write .*data.*Permission denied"):
+        train(cfg)
