@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
-from lmforge.model.layers import (Block, KVCache, embedding_scale, init_for_scaled_embeddings, init_gpt_style, make_norm,
+from lmforge.model.layers import (Block, KVCache, embed_tokens, embedding_scale, init_for_scaled_embeddings, init_gpt_style, make_norm,
                                   position_encoding)
 
 
@@ -80,12 +80,7 @@ class DecoderLM(nn.Module):
         elif positions.dim() == 1:
             positions = positions.unsqueeze(0)
 
-        x = self.tok_emb(idx)
-        if self.emb_scale != 1.0:
-            x = x * self.emb_scale
-        if self.pos_emb is not None:
-            x = self.pos_emb(x, positions)  # added, never multiplied
-        x = self.drop(x)
+        x = self.drop(embed_tokens(self.tok_emb, idx, self.emb_scale, self.pos_emb, positions))
         rope = self.rotary(positions) if self.rotary is not None else None
         for i, block in enumerate(self.blocks):
             x = block(x, causal=True, key_padding_mask=attention_mask, rope=rope,

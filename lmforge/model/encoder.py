@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
-from lmforge.model.layers import embedding_scale, init_for_scaled_embeddings, init_gpt_style, make_norm, position_encoding
+from lmforge.model.layers import embed_tokens, embedding_scale, init_for_scaled_embeddings, init_gpt_style, make_norm, position_encoding
 from lmforge.model.seq2seq import Seq2SeqBlock
 
 
@@ -93,11 +93,7 @@ class EncoderModel(nn.Module):
             positions = torch.arange(T, device=idx.device).unsqueeze(0)
         elif positions.dim() == 1:
             positions = positions.unsqueeze(0)
-        x = self.tok_emb(idx)
-        if self.emb_scale != 1.0:
-            x = x * self.emb_scale
-        if self.pos_emb is not None:
-            x = self.pos_emb(x, positions)
+        x = embed_tokens(self.tok_emb, idx, self.emb_scale, self.pos_emb, positions)
         if self.type_emb is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(idx)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 # pad_batch and pad_labels are not used here: they are imported for the tasks that batch inputs for the heads
 from lmforge.data.padding import IGNORE_INDEX, pad_batch, pad_labels  # noqa: F401
 from lmforge.errors import LMForgeError
+from lmforge.model.layers import embed_tokens
 
 
 def is_causal(trunk: nn.Module) -> bool:
@@ -40,9 +41,7 @@ def trunk_states(trunk: nn.Module, idx: torch.Tensor, attention_mask: torch.Tens
         raise LMForgeError(f"input of {T} tokens is longer than the model's context ({cfg.block_size}); "
                            "lower task.max_source_len")
     positions = torch.arange(T, device=idx.device).unsqueeze(0)
-    x = trunk.tok_emb(idx) * getattr(trunk, "emb_scale", 1.0)
-    if trunk.pos_emb is not None:
-        x = trunk.pos_emb(x, positions)
+    x = embed_tokens(trunk.tok_emb, idx, getattr(trunk, "emb_scale", 1.0), trunk.pos_emb, positions)
     if getattr(trunk, "type_emb", None) is not None:
         x = x + trunk.type_emb(torch.zeros_like(idx))
     if extra is not None:

@@ -143,6 +143,16 @@ def embedding_scale(cfg: ModelConfig) -> float:
     return math.sqrt(cfg.d_model) if cfg.pos_encoding == "sinusoidal" else 1.0
 
 
+def embed_tokens(table: nn.Embedding, ids: torch.Tensor, scale: float, pos: nn.Module | None,
+                 positions: torch.Tensor) -> torch.Tensor:
+    """Token embeddings times ``scale`` (:func:`embedding_scale`), plus the positions' table or
+    sinusoids when there is one: added, never multiplied (the article's code multiplied them)."""
+    x = table(ids)
+    if scale != 1.0:
+        x = x * scale
+    return pos(x, positions) if pos is not None else x
+
+
 @torch.no_grad()
 def init_for_scaled_embeddings(model: nn.Module, tables: list[nn.Embedding], d_model: int) -> None:
     """With embeddings scaled by sqrt(d_model): token tables normal(0, 1/sqrt(d_model)), so scaled

@@ -34,6 +34,7 @@ from lmforge.model.layers import (
     MultiHeadAttention,
     PositionalEncoding,
     RotaryEmbedding,
+    embed_tokens,
     embedding_scale,
     init_for_scaled_embeddings,
     init_gpt_style,
@@ -225,9 +226,7 @@ class Seq2SeqLM(nn.Module):
                 "crop it or train with a larger model.block_size"
             )
         positions = torch.arange(start, start + T, device=ids.device).unsqueeze(0)
-        x = table(ids) * self.emb_scale if self.emb_scale != 1.0 else table(ids)
-        if pos is not None:
-            x = pos(x, positions)
+        x = embed_tokens(table, ids, self.emb_scale, pos, positions)
         if norm is not None:
             x = norm(x)
         return self.drop(x), (self.rotary(positions) if self.rotary is not None else None)

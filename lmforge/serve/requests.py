@@ -13,12 +13,16 @@ import asyncio
 import itertools
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Iterator, Sequence
+from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
 import torch
 
-if TYPE_CHECKING:
-    from lmforge.serve.engine import Engine
+
+class _Cancels(Protocol):
+    """What a request needs of its engine: a way to give up its batch slot."""
+
+    def _cancel(self, request: "Request") -> None: ...
+
 
 __all__ = ["QueueFull", "Request", "SamplingParams", "TokenEvent"]
 
@@ -63,7 +67,7 @@ class Request:
     "cancelled", or "error" (its iterator and ``result`` then raise ``RuntimeError``).
     """
 
-    def __init__(self, engine: "Engine", prompt_ids: list[int], params: SamplingParams,
+    def __init__(self, engine: _Cancels, prompt_ids: list[int], params: SamplingParams,
                  generator: torch.Generator | None):
         self.id = next(_request_ids)
         self.prompt_ids = prompt_ids
