@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.cli import main
 from lmforge.config import Config, DataConfig, ModelConfig, TaskConfig
 from lmforge.errors import LMForgeError
-from lmforge.generate import generate
+from lmforge.generate import generate, generate_text
 from lmforge.interop import export_checkpoint, import_checkpoint
 from lmforge.interop.hf_files import import_tokenizer
 from lmforge.model import DecoderLM
@@ -206,8 +206,9 @@ def test_half_precision_weights_are_upcast(tmp_path, tok):
 # Export: lmforge -> transformers, and back
 
 
-def lmforge_checkpoint(tmp_path, tok, **model_kw):
-    mcfg = ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, n_head=4, d_model=32, **model_kw)
+def lmforge_checkpoint(tmp_path, tok, vocab_size=None, **model_kw):
+    mcfg = ModelConfig(vocab_size=vocab_size or tok.vocab_size, block_size=64, n_layer=2, n_head=4, d_model=32,
+                       **model_kw)
     torch.manual_seed(0)
     model = (EncoderModel if mcfg.arch == "encoder" else DecoderLM)(mcfg).eval()
     randomize_(model)
@@ -378,6 +379,188 @@ def test_pretrained_minilm_tokenizer_from_vocab_txt(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
+# A model vocabulary larger than the tokenizer (a padded embedding, as Llama 3, Qwen2, phi-2 and
+# GPT-NeoX have): imported and exported as it is, and the extra ids never generated
+
+PADDED_V = 384  # the model's vocabulary; the tokenizer `tok` has 320 tokens
+
+
+def huge_beyond(model, n_tokens, value=1e4):
+    """Make the logits of ids >= n_tokens huge (a forward hook): unmasked, every choice would be one of them."""
+    def hook(_module, _inputs, logits):
+        out = logits.clone()
+        out[..., n_tokens:] += value
+        return out
+
+    return model.register_forward_hook(hook)
+
+
+@torch.no_grad()
+def assert_same_logits_all_ids(ours, theirs, V):
+    """Logits over every column (the extra rows too), for inputs that include the extra ids."""
+    torch.manual_seed(1)
+    rows = [torch.randint(0, V, (n,)).tolist() for n in (12, 5, 9)]
+    rows[0][:4] = [V - 1, V - 2, V - 40, 0]
+    idx, mask, positions = left_pad(rows)
+    hf_logits = theirs(idx, attention_mask=mask.long(), position_ids=positions).logits
+    our_logits = ours(idx, attention_mask=mask, positions=positions)
+    assert our_logits.shape[-1] == hf_logits.shape[-1] == V
+    assert (our_logits[mask] - hf_logits[mask]).abs().max().item() <= 1e-4
+
+
+def assert_extra_ids_never_generated(model, hf, tokenizer, V):
+    """Greedy and sampled generation, with the extra rows' logits made huge, never produce an extra id; the
+    masked greedy tokens are transformers' greedy tokens with those ids suppressed."""
+    n = tokenizer.vocab_size
+    prompts = [tokenizer.encode("The quick brown"), tokenizer.encode("Hello"), [tokenizer.eot_id]]
+    plain = generate(model, prompts, max_new_tokens=12, greedy=True, vocab_limit=n)
+    assert all(t < n for row in plain for t in row) and sum(map(len, plain)) == 36
+    idx, mask, _ = left_pad(prompts)
+    out = hf.generate(idx, attention_mask=mask.long(), max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                      pad_token_id=0, suppress_tokens=list(range(n, V)))
+    assert plain == out[:, idx.size(1):].tolist()
+    handle = huge_beyond(model, n)
+    try:
+        assert all(t >= n for row in generate(model, prompts, max_new_tokens=3, greedy=True) for t in row)  # the hook bites
+        assert generate(model, prompts, max_new_tokens=12, greedy=True, vocab_limit=n) == plain
+        g = torch.Generator().manual_seed(0)
+        sampled = generate(model, prompts, max_new_tokens=12, temperature=1.5, top_k=PADDED_V, top_p=1.0,
+                           repetition_penalty=1.3, generator=g, vocab_limit=n)
+        assert all(t < n for row in sampled for t in row) and sum(map(len, sampled)) == 36
+        pieces = []
+        texts = generate_text(model, tokenizer, ["The quick", ""], max_new_tokens=10, temperature=1.0,
+                              generator=torch.Generator().manual_seed(1), stream=lambda row, text: pieces.append(text))
+        assert len(texts) == 2 and pieces  # every id decodes (an extra id would be refused by decode)
+        eot = tokenizer.eot_id  # generate_text stops at the end-of-text token; `plain` ran on past it
+        assert generate_text(model, tokenizer, ["The quick brown", "Hello"], max_new_tokens=12, greedy=True) == [
+            tokenizer.decode(row[:row.index(eot)] if eot in row else row) for row in plain[:2]]
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("make", [gpt2_model, lambda V: gpt2_model(V, tie=False), llama_model,
+                                  lambda V: llama_model(V, tie=True)], ids=["gpt2", "gpt2-untied", "llama", "llama-tied"])
+def test_decoder_vocabulary_larger_than_tokenizer(tmp_path, tok, make):
+    hf = make(PADDED_V)
+    lines = []
+    summary = import_checkpoint(hf_dir(tmp_path, hf, tok), tmp_path / "ours", log=lines.append)
+    assert any("larger than its tokenizer (320 tokens)" in n and "64 extra rows" in n for n in summary["notes"])
+    record = json.loads((tmp_path / "ours" / "vocabulary.json").read_text())
+    assert (record["vocab_size"], record["tokenizer_vocab_size"]) == (PADDED_V, 320)
+    model, cfg, tokenizer = load_model(tmp_path / "ours")
+    assert (cfg.model.vocab_size, tokenizer.vocab_size, model.tok_emb.weight.shape[0]) == (PADDED_V, 320, PADDED_V)
+    assert_same_logits_all_ids(model, hf, PADDED_V)
+    assert_extra_ids_never_generated(model, hf, tokenizer, PADDED_V)
+
+    lines = []
+    export_checkpoint(tmp_path / "ours", tmp_path / "hf2", log=lines.append)
+    assert any("written back" in ln for ln in lines)
+    theirs = from_pretrained(transformers.AutoModelForCausalLM, tmp_path / "hf2")
+    assert theirs.config.vocab_size == PADDED_V and not (tmp_path / "hf2" / "vocabulary.json").exists()
+    assert_same_logits_all_ids(model, theirs, PADDED_V)
+    import_checkpoint(tmp_path / "hf2", tmp_path / "back", log=quiet)
+    before, after = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+
+def test_bert_vocabulary_larger_than_tokenizer(tmp_path, tok):
+    hf = bert_model(PADDED_V)
+    import_checkpoint(hf_dir(tmp_path, hf, tok), tmp_path / "ours", log=quiet)
+    model, cfg, tokenizer = load_model(tmp_path / "ours")
+    assert (cfg.model.vocab_size, tokenizer.vocab_size) == (PADDED_V, 320)
+    torch.manual_seed(1)
+    idx = torch.randint(0, PADDED_V, (3, 11))
+    idx[0, :3] = torch.tensor([PADDED_V - 1, 330, 2])  # extra ids too: their rows are the checkpoint's
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 6:] = 0
+    types = torch.randint(0, 2, (3, 11))
+    real = mask.bool()
+
+    @torch.no_grad()
+    def check(theirs):
+        hidden = theirs(idx, attention_mask=mask, token_type_ids=types).last_hidden_state
+        assert (model(idx, attention_mask=mask, token_type_ids=types)[real] - hidden[real]).abs().max().item() <= 1e-4
+        scores = model(idx, attention_mask=mask, token_type_ids=types, token_logits=True)
+        theirs_scores = hidden @ theirs.embeddings.word_embeddings.weight.T
+        assert scores.shape[-1] == theirs_scores.shape[-1] == PADDED_V
+        assert (scores[real] - theirs_scores[real]).abs().max().item() <= 1e-4
+
+    check(hf)
+    export_checkpoint(tmp_path / "ours", tmp_path / "hf2", log=quiet)
+    theirs = from_pretrained(transformers.AutoModel, tmp_path / "hf2")
+    assert type(theirs).__name__ == "BertModel" and theirs.config.vocab_size == PADDED_V
+    check(theirs)
+    import_checkpoint(tmp_path / "hf2", tmp_path / "back", log=quiet)
+    before, after = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_tokenizer_larger_than_model_vocabulary_is_refused(tmp_path, tok, capsys):
+    for name, make in (("gpt2", gpt2_model), ("llama", llama_model), ("bert", bert_model)):
+        path = hf_dir(tmp_path, make(tok.vocab_size - 20), tok, name)
+        with pytest.raises(LMForgeError, match=f"has {tok.vocab_size} tokens but the model's vocabulary "
+                                               f"\\(config.json vocab_size\\) is only {tok.vocab_size - 20}.*give the "
+                                               "tokenizer the model was trained with") as e:
+            import_checkpoint(path, tmp_path / "out", log=quiet)
+        assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    ckpt = lmforge_checkpoint(tmp_path, tok, vocab_size=tok.vocab_size - 1, **GPT2_STYLE)
+    with pytest.raises(LMForgeError, match=f"has {tok.vocab_size} tokens but the model in .* has a vocabulary of "
+                                           f"only {tok.vocab_size - 1}; copy the tokenizer.json"):
+        load_model(ckpt)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["generate", str(ckpt), "--prompt", "The", "-n", "2", "--no-stream"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "vocabulary of only" in err[0], err
+
+
+def test_smaller_tokenizer_needs_the_import_record(tmp_path, tok):
+    """Only an imported padded embedding may be larger than its tokenizer: a trained checkpoint with a smaller
+    tokenizer.json, or an imported one whose tokenizer.json was swapped, is still a wrong tokenizer."""
+    ckpt = lmforge_checkpoint(tmp_path, tok, vocab_size=tok.vocab_size + 10, **GPT2_STYLE)
+    with pytest.raises(LMForgeError, match=f"has {tok.vocab_size} tokens but the model in .* has a vocabulary of "
+                                           f"{tok.vocab_size + 10} \\(and no vocabulary.json .*copy the tokenizer.json"):
+        load_model(ckpt)
+    import_checkpoint(hf_dir(tmp_path, gpt2_model(PADDED_V), tok), tmp_path / "ours", log=quiet)
+    load_model(tmp_path / "ours")
+    Tokenizer.train([TEXT * 20], kind="bpe", vocab_size=300).save(tmp_path / "ours" / "tokenizer.json")
+    with pytest.raises(LMForgeError, match="has 300 tokens but the model in .* vocabulary of 384 .*vocabulary.json"):
+        load_model(tmp_path / "ours")
+
+
+def test_encoder_decoder_vocabulary_must_equal_its_tokenizer(tmp_path, marian_tok):
+    path = marian_dir(tmp_path, marian_model(marian_tok.vocab_size + 5), marian_tok)
+    with pytest.raises(LMForgeError, match="encoder-decoder's vocabulary .* needs the two equal") as e:
+        import_checkpoint(path, tmp_path / "out", log=quiet)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
+def test_vocab_limit_masks_only_what_it_must():
+    from lmforge.generate import next_tokens
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 10)
+    logits[:, 7:] += 100.0
+    kept = logits.clone()
+    assert (next_tokens(logits, greedy=True) >= 7).all()
+    assert (next_tokens(logits, greedy=True, vocab_limit=7) == logits[:, :7].argmax(-1)).all()
+    seen = torch.zeros(4, 10, dtype=torch.bool)
+    seen[:, 8] = True
+    for kw in (dict(), dict(top_k=9), dict(top_p=0.99), dict(repetition_penalty=1.5, seen=seen), dict(temperature=3.0)):
+        g = torch.Generator().manual_seed(0)
+        for _ in range(20):
+            assert (next_tokens(logits, vocab_limit=7, generator=g, **kw) < 7).all(), kw
+    assert torch.equal(logits, kept)  # the caller's logits are left alone
+    for limit in (10, 11, None):  # nothing to mask: the same draw as without a limit
+        a = next_tokens(logits, generator=torch.Generator().manual_seed(3), vocab_limit=limit)
+        assert torch.equal(a, next_tokens(logits, generator=torch.Generator().manual_seed(3)))
+    model = DecoderLM(ModelConfig(vocab_size=10, block_size=16, n_layer=1, n_head=2, d_model=16)).eval()
+    with pytest.raises(LMForgeError, match="vocab_limit must be a positive number"):
+        generate(model, [[1, 2]], max_new_tokens=2, vocab_limit=0)
+
+
+# ----------------------------------------------------------------------------------------------
 # What the imported checkpoint is good for: generate, eval, fine-tuning
 
 
@@ -466,8 +649,8 @@ def test_config_that_cannot_be_mapped_is_refused(tmp_path, tok):
 
 
 def test_tokenizer_problems_are_refused(tmp_path, tok):
-    path = hf_dir(tmp_path, gpt2_model(tok.vocab_size + 3), tok)
-    with pytest.raises(LMForgeError, match=f"{tok.vocab_size} tokens but the model's vocabulary.*{tok.vocab_size + 3}"):
+    path = hf_dir(tmp_path, gpt2_model(tok.vocab_size - 3), tok)  # a tokenizer larger than the model
+    with pytest.raises(LMForgeError, match=f"{tok.vocab_size} tokens but the model's vocabulary.*only {tok.vocab_size - 3}"):
         import_checkpoint(path, tmp_path / "out", log=quiet)
     (path / "tokenizer.json").unlink()
     with pytest.raises(LMForgeError, match="has no tokenizer"):

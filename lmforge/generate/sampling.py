@@ -9,6 +9,15 @@ Context policy (as nanoGPT): a prompt may be up to block_size tokens. When promp
 text grows past block_size, the model keeps seeing only the last block_size tokens, at positions
 0..block_size-1 (a sliding window); from then on each step re-runs that window, because with
 learned or sinusoidal positions every cached key would otherwise carry a stale position.
+
+Decodable ids: a model's vocabulary (``cfg.model.vocab_size``, the width of its logits) may be larger
+than its tokenizer, as in checkpoints whose embedding is padded (Llama 3, Qwen2, phi-2, GPT-NeoX).
+The number of ids the tokenizer can decode is the tokenizer's own size (``Tokenizer.vocab_size``,
+read from tokenizer.json when the checkpoint is loaded; an imported checkpoint's vocabulary.json only
+vouches that the difference is meant). ``generate_text`` passes it as ``vocab_limit``, and
+``generate`` / ``next_tokens`` then never choose an id at or above it (those logits are set to -inf;
+nothing is masked, and nothing copied, when the two sizes are equal). Callers of ``generate`` or
+``next_tokens`` with ids of their own pass ``vocab_limit=tokenizer.vocab_size`` themselves.
 """
 
 from __future__ import annotations
@@ -62,10 +71,18 @@ def next_tokens(
     seen: torch.Tensor | None = None,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    vocab_limit: int | None = None,
 ) -> torch.Tensor:
     """Choose one token per row from logits [B, V]: penalty, then argmax (greedy or temperature 0),
-    or softmax(logits / temperature) restricted by top-k and top-p, then a random draw."""
-    logits = logits.float()
+    or softmax(logits / temperature) restricted by top-k and top-p, then a random draw.
+
+    ``vocab_limit``: only ids below it can be chosen (the tokenizer's size, for a model whose
+    vocabulary is larger than its tokenizer); the logits at and above it become -inf."""
+    if vocab_limit is not None and vocab_limit < logits.size(-1):
+        logits = logits.to(torch.float32, copy=True)  # never the caller's tensor
+        logits[..., vocab_limit:] = float("-inf")
+    else:
+        logits = logits.float()
     if repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
     if greedy or temperature == 0:
@@ -141,6 +158,7 @@ def generate(
     eot_id: int | None = None,
     generator: torch.Generator | None = None,
     on_token: Callable[[int, int], None] | None = None,
+    vocab_limit: int | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
@@ -149,7 +167,9 @@ def generate(
     ``greedy`` or ``temperature=0`` takes the most likely token; otherwise tokens are drawn from
     softmax(logits / temperature) limited to the ``top_k`` most likely and to the ``top_p``
     probability mass. ``repetition_penalty`` > 1 discourages tokens already in the prompt or output.
-    ``generator`` (on the model's device) makes sampling reproducible.
+    ``generator`` (on the model's device) makes sampling reproducible. ``vocab_limit``: the number of
+    ids the tokenizer can decode (its ``vocab_size``) where the model's vocabulary is larger; no id at
+    or above it is produced. ``generate_text`` passes the tokenizer's size itself.
     """
     if getattr(model.cfg, "arch", "decoder") != "decoder":
         raise LMForgeError(f"this checkpoint is a model.arch={model.cfg.arch} model, which generate() cannot continue "
@@ -157,6 +177,11 @@ def generate(
     block_size = model.cfg.block_size
     vocab_size = model.cfg.vocab_size
     _check_arguments(prompts, max_new_tokens, temperature, top_k, top_p, repetition_penalty, block_size, vocab_size)
+    if vocab_limit is not None and (isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int) or vocab_limit < 1):
+        raise LMForgeError(f"vocab_limit must be a positive number of token ids, got {vocab_limit!r}; "
+                           "pass the tokenizer's vocab_size")
+    if vocab_limit is not None and vocab_limit >= vocab_size:
+        vocab_limit = None  # every id of the model can be decoded: nothing to mask
     device = model.tok_emb.weight.device
     was_training = model.training
     model.eval()
@@ -189,7 +214,7 @@ def generate(
 
             chosen = next_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                  repetition_penalty=repetition_penalty, seen=seen, greedy=greedy,
-                                 generator=generator)
+                                 generator=generator, vocab_limit=vocab_limit)
             if seen is not None:
                 seen[torch.arange(rows, device=device), chosen] = True
             for row, token in enumerate(chosen.tolist()):
@@ -215,6 +240,8 @@ def generate(
 
 class _Tokenizer(Protocol):
     eot_id: int | None
+    #: (optional) the number of ids it decodes; a larger model vocabulary is masked beyond it
+    vocab_size: int
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -236,7 +263,8 @@ def generate_text(
     ``top_p``, ``repetition_penalty``, ``greedy``, ``generator``), with the same defaults.
     An empty prompt starts from the end-of-text token (unconditional sampling). ``stream(row, text)``
     receives printable pieces of each row's continuation as they are produced (never half a
-    UTF-8 character).
+    UTF-8 character). Where the model's vocabulary is larger than the tokenizer (a padded embedding),
+    only ids below the tokenizer's ``vocab_size`` are produced.
     """
     eot_id = tokenizer.eot_id
     ids = []
@@ -257,6 +285,9 @@ def generate_text(
             if piece:
                 stream(row, piece)
 
+    decodable = getattr(tokenizer, "vocab_size", None)
+    if isinstance(decodable, int) and "vocab_limit" not in sampling:
+        sampling["vocab_limit"] = decodable
     new_tokens = generate(model, ids, max_new_tokens=max_new_tokens, eot_id=eot_id, on_token=on_token, **sampling)
     if stream is not None:
         for row, decoder in enumerate(decoders):

@@ -3,7 +3,9 @@
 Mapped architectures: GPT-2 and Llama (decoders, ``DecoderLM``), BERT (encoder,
 ``EncoderModel``) and Marian (encoder-decoder, ``Seq2SeqLM``). Every tensor is accounted for and
 every setting is mapped exactly or refused with a message naming it; tests/test_interop.py
-checks logits and greedy continuations against transformers.
+checks logits and greedy continuations against transformers. A model vocabulary larger than the
+tokenizer (a padded embedding) is kept as it is, and never generated beyond the tokenizer (see
+:mod:`lmforge.interop.convert`).
 """
 
 from lmforge.interop.architectures import ARCHITECTURES

@@ -12,6 +12,17 @@ export: an lmforge checkpoint -> config.json, model.safetensors (sharded past a 
 model.safetensors.index.json) and tokenizer.json + tokenizer_config.json +
 special_tokens_map.json, which ``transformers`` loads with its Auto classes.
 
+Vocabulary larger than the tokenizer: many checkpoints pad the embedding beyond their tokenizer
+(Llama 3, Qwen2, phi-2, GPT-NeoX). The model keeps its vocabulary as ``transformers`` has it
+(``model.vocab_size`` = config.json's vocab_size: the rows of the embedding and head, the width of the
+logits), extra rows included, and export writes them back, so the round trip stays exact. The number
+of ids that can be decoded is the tokenizer's own size, read from tokenizer.json at load time;
+``generate_text`` never produces an id at or above it (see :mod:`lmforge.generate.sampling`). The
+import also writes ``vocabulary.json`` (both sizes): ``load_model`` accepts a tokenizer smaller than
+the model only where that record names the two sizes, so a wrong tokenizer.json copied into any
+checkpoint is still refused. A tokenizer larger than the model's vocabulary is refused, and so is any
+difference for an encoder-decoder (its beam search has no such mask).
+
 Both write into a temporary directory beside OUT_DIR and rename it when complete.
 """
 
@@ -46,6 +57,9 @@ from lmforge.model import build_model
 
 Log = Callable[[str], None]
 RECIPE = "recipe.yaml"
+#: written by import when the model's vocabulary is larger than its tokenizer: {"vocab_size": model's,
+#: "tokenizer_vocab_size": tokenizer's}; load_model accepts the difference only where it is recorded
+VOCABULARY_RECORD = "vocabulary.json"
 DEFAULT_SHARD_SIZE = "5GB"
 
 
@@ -139,12 +153,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tu
     try:
         how_tokenizer = import_tokenizer(hf_dir, tmp)
         tokenizer = Tokenizer.load(tmp / TOKENIZER)
-        if tokenizer.vocab_size != mcfg.vocab_size:
-            raise LMForgeError(
-                f"the tokenizer of {hf_dir} has {tokenizer.vocab_size} tokens but the model's vocabulary "
-                f"(config.json vocab_size) is {mcfg.vocab_size}; lmforge needs the two equal, "
-                "so this checkpoint cannot be imported as it is"
-            )
+        _check_vocabulary(tokenizer.vocab_size, mcfg, hf_dir, notes)
         out_abs = out_dir.resolve()
         specials = list(tokenizer.special_tokens)
         cfg = Config(
@@ -156,6 +165,11 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tu
         )
         save_file(unique_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
+        if tokenizer.vocab_size < mcfg.vocab_size:
+            record = {"vocab_size": mcfg.vocab_size, "tokenizer_vocab_size": tokenizer.vocab_size,
+                      "about": f"{hf_dir}: the model's vocabulary is larger than its tokenizer (a padded embedding); "
+                               f"ids {tokenizer.vocab_size}..{mcfg.vocab_size - 1} are kept and never generated"}
+            (tmp / VOCABULARY_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         _write_recipe(tmp / RECIPE, cfg, out_abs)
         (tmp / "data").mkdir()
         for name in TOKENIZER_FILES:
@@ -188,7 +202,10 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tu
     for note in notes:
         log(f"  note: {note}")
     log(f"  tokenizer: {how_tokenizer} ({tokenizer.vocab_size} tokens)")
-    if mcfg.arch == "decoder":
+    if mcfg.arch == "decoder" and tokenizer.vocab_size < mcfg.vocab_size:
+        log(f"  use: lmforge generate {out_dir} --prompt ... (training takes a vocabulary equal to the tokenizer's, "
+            "so this one is not fine-tuned with recipe.yaml)")
+    elif mcfg.arch == "decoder":
         log(f"  use: lmforge generate {out_dir} --prompt ...; fine-tune: lmforge train -c {out_dir / RECIPE} "
             "--data.corpus=YOUR_TEXT")
     if mcfg.arch == "seq2seq":
@@ -197,6 +214,26 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tu
     return {"architecture": model_type, "out_dir": str(out_dir), "tensors": len(stored), "dropped": dropped,
             "buffers": list(weights.buffers), "converted": dict(weights.converted), "notes": notes,
             "num_params": n_params}
+
+
+def _check_vocabulary(n_tokens: int, mcfg: ModelConfig, hf_dir: Path, notes: list[str]) -> None:
+    """The model's vocabulary may be larger than the tokenizer (a padded embedding, kept as it is and
+    never generated); a tokenizer larger than the model, or any difference for an encoder-decoder, is refused."""
+    V = mcfg.vocab_size
+    if n_tokens > V:
+        raise LMForgeError(
+            f"the tokenizer of {hf_dir} has {n_tokens} tokens but the model's vocabulary (config.json vocab_size) "
+            f"is only {V}, so ids {V} and above have no embedding; give the tokenizer the model was trained with"
+        )
+    if n_tokens < V and mcfg.arch == "seq2seq":
+        raise LMForgeError(
+            f"the tokenizer of {hf_dir} has {n_tokens} tokens but the encoder-decoder's vocabulary (config.json "
+            f"vocab_size) is {V}; lmforge's translation decoding needs the two equal for an encoder-decoder, "
+            "so this checkpoint cannot be imported as it is"
+        )
+    if n_tokens < V:
+        notes.append(f"the model's vocabulary ({V}) is larger than its tokenizer ({n_tokens} tokens): the {V - n_tokens} "
+                     f"extra rows (ids {n_tokens}..{V - 1}) are kept as they are and never generated")
 
 
 def _translation_task(raw: dict, mcfg: ModelConfig, tokenizer, hf_dir: Path) -> TaskConfig:
@@ -308,6 +345,9 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, max_shard_size:
     if mcfg.padded_vocab_size != mcfg.vocab_size:
         notes.append(f"the embedding's {mcfg.padded_vocab_size - mcfg.vocab_size} padding rows "
                      f"(pad_vocab_multiple={mcfg.pad_vocab_multiple}, never produced) are left out: vocab {mcfg.vocab_size}")
+    if tokenizer.vocab_size < mcfg.vocab_size:
+        notes.append(f"the model's vocabulary ({mcfg.vocab_size}) is larger than its tokenizer ({tokenizer.vocab_size} "
+                     f"tokens): the extra rows are written back as they are (config.json vocab_size {mcfg.vocab_size})")
     tok_config = read_json_file(ckpt / "tokenizer_config.json", "tokenizer setting") \
         if (ckpt / "tokenizer_config.json").is_file() else None
     ids, names = _token_ids(tokenizer, tok_config, mcfg.arch == "decoder")

@@ -406,7 +406,11 @@ def load_train_state(ckpt: str | Path) -> dict[str, Any]:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, Any]:
     """Model (in eval mode on ``device``), Config and Tokenizer of the checkpoint that ``path`` names.
 
-    ``path`` is a checkpoint directory or a run directory (its latest checkpoint).
+    ``path`` is a checkpoint directory or a run directory (its latest checkpoint). The tokenizer's size
+    must equal the model's vocabulary (``cfg.model.vocab_size``), except in an imported checkpoint whose
+    embedding is padded beyond its tokenizer (Llama 3, Qwen2, ...), as recorded by ``lmforge import`` in
+    vocabulary.json: the tokenizer's ``vocab_size`` is then the number of ids that can be decoded, and
+    ``generate_text`` never produces the others. A tokenizer larger than the model is always refused.
     """
     from lmforge.model import build_model
     from lmforge.tokenizer import Tokenizer
@@ -415,11 +419,27 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     cfg = read_config(ckpt)
     tok_path = require_file(ckpt, TOKENIZER, "copy the tokenizer.json of the data directory it was trained on into it")
     tokenizer = Tokenizer.load(tok_path)
-    if tokenizer.vocab_size != cfg.model.vocab_size:
+    n_tokens, vocab = tokenizer.vocab_size, cfg.model.vocab_size
+    if n_tokens > vocab:
         raise LMForgeError(
-            f"{tok_path} has {tokenizer.vocab_size} tokens but the model in {ckpt} has a vocabulary of "
-            f"{cfg.model.vocab_size}; copy the tokenizer.json of the data the model was trained on into {ckpt}"
+            f"{tok_path} has {n_tokens} tokens but the model in {ckpt} has a vocabulary of only {vocab}; "
+            f"copy the tokenizer.json of the data the model was trained on into {ckpt}"
         )
+    if n_tokens < vocab:
+        from lmforge.interop.convert import VOCABULARY_RECORD
+
+        record_path = ckpt / VOCABULARY_RECORD
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else None
+        except (OSError, ValueError):
+            record = None
+        if not (isinstance(record, dict) and record.get("vocab_size") == vocab
+                and record.get("tokenizer_vocab_size") == n_tokens):
+            raise LMForgeError(
+                f"{tok_path} has {n_tokens} tokens but the model in {ckpt} has a vocabulary of {vocab} (and no "
+                f"{VOCABULARY_RECORD} from `lmforge import` records a padded embedding of these sizes); "
+                f"copy the tokenizer.json of the data the model was trained on into {ckpt}"
+            )
     model = build_model(cfg.model)
     load_weights(model, ckpt)
     model.to(device).eval()
