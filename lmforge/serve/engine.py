@@ -69,7 +69,10 @@ class Engine:
     ``submit`` raises ``QueueFull``. ``device``: where the model runs (moved there if needed).
     """
 
-    def __init__(self, model, eot_id: int | None, max_batch: int = 32, max_queue: int = 256, device="cpu"):
+    def __init__(self, model, eot_id: int | None, max_batch: int = 32, max_queue: int = 256, device="cpu",
+                 vocab_limit: int | None = None):
+        #: ids at or above this (rows of a model vocabulary padded beyond its tokenizer) are never chosen
+        self.vocab_limit = vocab_limit
         cfg = getattr(model, "cfg", None)
         if cfg is None or getattr(cfg, "arch", "decoder") != "decoder" or not hasattr(model, "new_cache"):
             raise ValueError("Engine needs a decoder-only language model (lmforge.model.DecoderLM)")
@@ -408,7 +411,7 @@ class Engine:
                 sel = torch.tensor(members, device=self.device)
                 seen = torch.cat([rows[i].seen for i in members]) if penalty != 1.0 else None
                 tokens = next_tokens(logits.index_select(0, sel), temperature=0.0, repetition_penalty=penalty,
-                                     seen=seen).tolist()
+                                     seen=seen, vocab_limit=self.vocab_limit).tolist()
                 chosen.update(zip(members, tokens))
             except Exception:
                 pass  # retried row by row below, so that only the failing rows fail
@@ -419,7 +422,7 @@ class Engine:
             try:
                 chosen[i] = int(next_tokens(logits[i:i + 1], temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                                             repetition_penalty=p.repetition_penalty, seen=row.seen,
-                                            generator=row.req._generator)[0])
+                                            generator=row.req._generator, vocab_limit=self.vocab_limit)[0])
             except Exception as e:
                 row.outcome = ("error", failure_message(row.req, e, "choosing a token"))
         if not chosen:
