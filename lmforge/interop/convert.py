@@ -59,7 +59,6 @@ Log = Callable[[str], None]
 RECIPE = "recipe.yaml"
 #: written by import when the model's vocabulary is larger than its tokenizer: {"vocab_size": model's,
 #: "tokenizer_vocab_size": tokenizer's}; load_model accepts the difference only where it is recorded
-VOCABULARY_RECORD = "vocabulary.json"
 DEFAULT_SHARD_SIZE = "5GB"
 
 
@@ -135,7 +134,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tu
     heads); any other tensor without a place in the lmforge model is an error. Returns a summary.
     """
     from lmforge.tokenizer import Tokenizer
-    from lmforge.train.checkpoint import CONFIG, TOKENIZER, WEIGHTS, unique_state_dict
+    from lmforge.train.checkpoint import CONFIG, TOKENIZER, VOCABULARY_RECORD, WEIGHTS, unique_state_dict
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if not hf_dir.is_dir():

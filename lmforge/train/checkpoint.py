@@ -48,6 +48,8 @@ CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 STATE_PT = "train_state.pt"
 STATE_JSON = "train_state.json"
+#: written by `lmforge import` beside a model whose vocabulary is padded beyond its tokenizer
+VOCABULARY_RECORD = "vocabulary.json"
 DCP_DIR = "dcp"
 RNG_DIR = "rng"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -426,8 +428,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
             f"copy the tokenizer.json of the data the model was trained on into {ckpt}"
         )
     if n_tokens < vocab:
-        from lmforge.interop.convert import VOCABULARY_RECORD
-
         record_path = ckpt / VOCABULARY_RECORD
         try:
             record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else None
