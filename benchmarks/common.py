@@ -10,10 +10,8 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,19 +50,13 @@ def header() -> dict:
 
 
 def matmul_peak_flops(n: int = 1024, dtype=None, repeats: int = 20) -> float:
-    """Median FLOP/s of an n x n x n matmul in this process: the peak we quote MFU against on CPU."""
+    """Median FLOP/s of an n x n x n matmul in this process: the peak we quote MFU against on CPU
+    (``lmforge.hardware.measure_cpu_peak``, measured afresh on each call)."""
     import torch
 
-    dtype = dtype or torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times)
+    from lmforge.hardware import measure_cpu_peak
+
+    return measure_cpu_peak.__wrapped__(dtype or torch.float32, n, repeats)
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

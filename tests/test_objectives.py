@@ -35,12 +35,7 @@ LOSS_TOL = 1e-6  # relative: a loss of ~6 agrees to a few float32 roundings
 WEIGHT_TOL = 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def sentiment_rows(n: int, seed: int) -> str:

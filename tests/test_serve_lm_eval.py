@@ -7,34 +7,19 @@ The tokenizer lm-eval needs to split context from continuation is the checkpoint
 the Hugging Face format by `lmforge export`.
 """
 
-import contextlib
-import io
 import json
-import socket
 import sys
-import threading
-import time
 
 import pytest
 import torch
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
 pytest.importorskip("transformers")
 pytest.importorskip("lm_eval")
 pytest.importorskip("tenacity", reason="lm-eval's API models need its `api` extra: pip install 'lm-eval[api]'")
 
-import uvicorn  # noqa: E402
+from test_serve import CORPUS, LM_ARGS, quiet_main, running  # noqa: E402  (the server tests' tiny model and server)
 
-from lmforge.cli import main  # noqa: E402
-from lmforge.serve.app import create_app  # noqa: E402
 from lmforge.train.checkpoint import load_model  # noqa: E402
-
-LM_ARGS = ["--model.n_layer=2", "--model.n_head=2", "--model.d_model=48", "--model.block_size=96",
-           "--train.batch_size=4", "--train.max_steps=40", "--train.lr=1e-2", "--train.warmup_steps=5",
-           "--train.eval_interval=0", "--train.eval_batches=1", "--train.ckpt_interval=40", "--train.progress=false",
-           "--train.tensorboard=false", "--train.dtype=float32"]
-CORPUS = "the quick brown fox jumps over the lazy dog.\npack my box with five dozen liquor jugs.\n" * 200
 
 # The right answer continues the corpus's text; choices of unequal length (one to eleven tokens). The tiny
 # model is barely trained, so its accuracy is whatever it is: the test is that lm-eval and lmforge agree.
@@ -66,35 +51,6 @@ metric_list:
 metadata:
   version: 1.0
 """
-
-
-def quiet_main(argv: list) -> str:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        main([str(a) for a in argv])
-    return out.getvalue()
-
-
-@contextlib.contextmanager
-def running(checkpoint):
-    """A server for ``checkpoint`` on a free loopback port, in a thread; stopped (gracefully) after."""
-    app = create_app(checkpoint)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=10))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @pytest.fixture
@@ -146,7 +102,8 @@ def test_lm_eval_local_completions_matches_lmforge_scoring(tmp_path, offline, mo
 
         monkeypatch.setattr(api_models.requests, "post", recording_post)
 
-        with running(tmp_path / "tiny-lm") as url:
+        with running(tmp_path / "tiny-lm") as server:
+            url = server.url
             results = lm_eval.simple_evaluate(
                 model="local-completions",
                 model_args={"base_url": f"{url}/v1/completions", "model": "tiny-lm", "tokenizer_backend": "huggingface",

@@ -324,7 +324,9 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
     model.train()
     t_start = time.perf_counter()
     t_last, steps_since_log = t_start, 0
-    since_log = torch.zeros(2, dtype=torch.float64)  # loss sum, items processed
+    # summed on the device: reading a loss back waits for the device, so it happens at log steps only
+    loss_since_log = torch.zeros((), dtype=torch.float64, device=device)
+    items_since_log = 0
     speeds: list[float] = []
     utilisations: list[float] = []
     record: dict[str, Any] = {}
@@ -353,8 +355,8 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
         step += 1
         bar.update(1)
         steps_since_log += 1
-        items = sum(objective.throughput(b) for b in micro_batches)
-        since_log += torch.stack([loss.detach().double().cpu(), torch.tensor(float(items), dtype=torch.float64)])
+        items_since_log += sum(objective.throughput(b) for b in micro_batches)
+        loss_since_log += loss.detach()
 
         out_of_time = tcfg.max_minutes > 0 and time.perf_counter() - t_start > tcfg.max_minutes * 60
         if world.distributed and tcfg.max_minutes > 0:
@@ -363,9 +365,11 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
         do_eval = last or (tcfg.eval_interval > 0 and step % tcfg.eval_interval == 0)
         do_ckpt = last or (tcfg.ckpt_interval > 0 and step % tcfg.ckpt_interval == 0)
         if last or do_eval or do_ckpt or (tcfg.log_interval > 0 and step % tcfg.log_interval == 0):
-            sums = torch.cat([since_log, loss.detach().double().cpu().reshape(1)])
+            sums = torch.stack([loss_since_log, torch.tensor(float(items_since_log), dtype=torch.float64,
+                                                              device=device), loss.detach().double()])
             if world.distributed:  # each rank holds its share of the loss and of the items: add them up
-                sums = all_reduce_sum(sums.to(device), world).cpu()
+                sums = all_reduce_sum(sums, world)
+            sums = sums.tolist()
             last_loss = float(sums[2])
             now = time.perf_counter()
             speed = float(sums[1]) / max(now - t_last, 1e-9)
@@ -399,8 +403,8 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
                 say(f"step {step}: train loss {record['loss']:.4f}, "
                     + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in val.items()
                                 if isinstance(v, float)))
-            steps_since_log = 0
-            since_log.zero_()
+            steps_since_log, items_since_log = 0, 0
+            loss_since_log.zero_()
         if do_ckpt:
             extra = {"dtype": hardware.dtype_name(amp_dtype)}
             if world.distributed:
