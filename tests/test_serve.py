@@ -339,8 +339,8 @@ def test_translation_checkpoint_answers_completions_as_lmforge_translate(tmp_pat
     rows = ["source\ttarget"] + [f"{a} {b} {c}\t{c} {b} {a}" for a, b, c in triples]
     (tmp_path / "train.tsv").write_text("\n".join(rows * 4) + "\n", encoding="utf-8")
     run = tmp_path / "mt"
-    quiet_main(["finetune", "translation", "--train", tmp_path / "train.tsv", f"--data.data_dir={tmp_path / 'data'}",
-                f"--train.out_dir={run}", *MT_ARGS])
+    quiet_main(["finetune", "translation", "--train", tmp_path / "train.tsv", "--valid", "",  # not the recipe's file
+                f"--data.data_dir={tmp_path / 'data'}", f"--train.out_dir={run}", *MT_ARGS])
     sources = ["red cat", "blue dog sun"]
     beam = quiet_main(["translate", run, *sources]).splitlines()
     greedy_cli = quiet_main(["translate", run, *sources, "--greedy"]).splitlines()
