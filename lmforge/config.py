@@ -357,6 +357,9 @@ class TaskConfig:
     labels: list[str] = field(default_factory=list)
     #: srl: predicate sense numbers (e.g. 01, 02), filled from the training file; empty = no senses
     senses: list[str] = field(default_factory=list)
+    #: srl: the senses seen with each lemma in training, one entry per lemma: "lemma sense sense ..."
+    #: (most frequent first); a predicate's sense is chosen among its lemma's, "<lemma>.01" for a new lemma
+    sense_lexicon: list[str] = field(default_factory=list)
     #: sentiment: how one vector is drawn from the token states: first, mean, last, or auto
     #: (last for a causal decoder, mean for an encoder)
     pooling: str = "auto"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -147,17 +148,59 @@ def role_inventory(sentences: list[Sentence]) -> tuple[list[str], list[str]]:
     return [O] + sorted(roles), sorted(senses)
 
 
+def sense_lexicon(sentences: list[Sentence]) -> list[str]:
+    """The senses each lemma carries in annotated sentences, as ``task.sense_lexicon`` entries
+    ``"lemma sense sense ..."``, the most frequent sense first (ties by name)."""
+    seen: dict[str, Counter] = defaultdict(Counter)
+    for s in sentences:
+        if s.annotated:
+            lemmas = s.lemmas
+            for p, sense in zip(s.predicates, s.senses):
+                seen[lemmas[p]][sense] += 1
+    return [" ".join([lemma] + sorted(c, key=lambda x: (-c[x], x))) for lemma, c in sorted(seen.items())]
+
+
+#: the core roles: each is given to at most one word per predicate when labelling
+CORE_ROLES = frozenset(f"ARG{i}" for i in range(6)) | {"ARGA"}
+
+
+def constrained_roles(logprobs: torch.Tensor, roles: list[str]) -> list[int]:
+    """The best label of each word [n_words, n_roles] such that no core role (ARG0-ARG5) goes to two
+    words of one predicate: where several words want one, the most confident keeps it and the others
+    take their next best label, until no core role is repeated."""
+    scores = logprobs.clone()
+    core = [i for i, r in enumerate(roles) if r in CORE_ROLES]
+    for _ in range(len(core) * max(1, scores.size(0))):
+        best = scores.argmax(-1)
+        clash = False
+        for r in core:
+            words = (best == r).nonzero().squeeze(-1)
+            if len(words) > 1:
+                keep = words[scores[words, r].argmax()]
+                scores[words[words != keep], r] = float("-inf")
+                clash = True
+        if not clash:
+            break
+    return scores.argmax(-1).tolist()
+
+
 # --------------------------------------------------------------------------------------------- predict
 
 
 class Labeller:
-    """Predicates, senses and roles for sentences (gold or predicted predicates), as CoNLL-U Plus."""
+    """Predicates, senses and roles for sentences (gold or predicted predicates), as CoNLL-U Plus.
 
-    def __init__(self, model: SRLModel, encoder: Encoder, batch_size: int = 64):
+    Roles are the best labels under the one-word-per-core-role constraint (:func:`constrained_roles`);
+    a predicate's sense is the sense head's choice among the senses its lemma had in training
+    (``task.sense_lexicon``), or ``<lemma>.01`` for a lemma training never saw."""
+
+    def __init__(self, model: SRLModel, encoder: Encoder, batch_size: int = 64, sense_lexicon: list[str] = ()):
         self.model, self.enc, self.batch_size = model, encoder, batch_size
+        self.lexicon = {entry.split()[0]: entry.split()[1:] for entry in sense_lexicon if entry.split()}
 
     @torch.no_grad()
     def _run(self, examples: list[dict]):
+        """Per example: (role log-probabilities [T, n_roles], predicate tags [T], sense logits or None)."""
         device = next(self.model.parameters()).device
         order = sorted(range(len(examples)), key=lambda i: len(examples[i]["ids"]))
         out: list[Any] = [None] * len(examples)
@@ -166,11 +209,12 @@ class Labeller:
             batch = self.enc.collate([examples[i] for i in rows])
             h, role_logits, pid_logits = self.model(batch["ids"].to(device), batch["mask"].to(device),
                                                     batch["indicator"].to(device))
+            role_logp = role_logits.log_softmax(-1).cpu()
             for j, i in enumerate(rows):
                 sense = None
                 if self.model.sense is not None and batch["sense_pos"][j] >= 0:
-                    sense = int(self.model.sense(h[j, batch["sense_pos"][j]]).argmax())
-                out[i] = (role_logits[j].argmax(-1).tolist(), pid_logits[j].argmax(-1).tolist(), sense)
+                    sense = self.model.sense(h[j, batch["sense_pos"][j]]).float().cpu()
+                out[i] = (role_logp[j], pid_logits[j].argmax(-1).tolist(), sense)
         return out
 
     def find_predicates(self, sentences: list[Sentence]) -> list[list[int]]:
@@ -181,6 +225,19 @@ class Labeller:
             first = first_subword_positions(e["owners"], len(s.words))
             found.append([w for w, t in enumerate(first) if t >= 0 and pid[t] == 1])
         return found
+
+    def sense(self, lemma: str, logits: torch.Tensor | None) -> str:
+        """The sense of a predicate with this lemma: among the lemma's senses from training, the one
+        the sense head scores highest (the most frequent without a head); ``<lemma>.01`` otherwise."""
+        candidates = self.lexicon.get(lemma)
+        if not candidates:
+            number = self.enc.senses[int(logits.argmax())] if logits is not None and not self.lexicon else "01"
+            return f"{lemma}.{number}"
+        if logits is None or len(candidates) == 1:
+            return candidates[0]
+        ids = [self.enc.sense_id.get(sense_number(c)) for c in candidates]
+        scored = [(float(logits[i]) if i is not None else float("-inf"), -k) for k, i in enumerate(ids)]
+        return candidates[-max(scored)[1]]
 
     def label(self, sentences: list[Sentence], predicates: list[list[int]] | None = None) -> list[Sentence]:
         """Sentences with predicted senses and roles, for the given predicates (default: predicted)."""
@@ -196,36 +253,38 @@ class Labeller:
                     owner_of.append((n, p, first))
         results = self._run(examples)
         by_sentence: dict[int, dict[int, tuple[list[str], str]]] = {}
-        for (n, p, first), (roles, _, sense) in zip(owner_of, results):
-            labels = [self.enc.roles[roles[t]] if t >= 0 else O for t in first]
-            number = self.enc.senses[sense] if sense is not None else "01"
-            by_sentence.setdefault(n, {})[p] = (labels, number)
+        for (n, p, first), (role_logp, _, sense) in zip(owner_of, results):
+            kept = [w for w, t in enumerate(first) if t >= 0]
+            best = constrained_roles(role_logp[[first[w] for w in kept]], self.enc.roles) if kept else []
+            labels = [O] * len(first)
+            for w, r in zip(kept, best):
+                labels[w] = self.enc.roles[r]
+            by_sentence.setdefault(n, {})[p] = (labels, self.sense(sentences[n].lemmas[p], sense))
         out = []
         for n, (s, preds) in enumerate(zip(sentences, predicates)):
             done = by_sentence.get(n, {})
             kept = [p for p in preds if p in done]
-            lemmas = s.lemmas
-            out.append(s.with_predictions(kept, [f"{lemmas[p]}.{done[p][1]}" for p in kept],
-                                          [done[p][0] for p in kept]))
+            out.append(s.with_predictions(kept, [done[p][1] for p in kept], [done[p][0] for p in kept]))
         return out
 
 
-def check_known_roles(sentences: list[Sentence], roles: list[str]) -> None:
-    """Refuse gold role labels the model cannot predict, with the file and line of the first one."""
+def unseen_roles(sentences: list[Sentence], roles: list[str]) -> Counter:
+    """Gold arguments whose label the model was never trained with (it cannot get them right: they
+    are scored as misses), by label."""
     known = set(roles)
-    for s in sentences:
-        if s.annotated:
-            for col in s.arguments():
-                for w, label in enumerate(col):
-                    if label not in known:
-                        raise LMForgeError(f"{s.path}:{s.row_lines[s.word_rows[w]]}: role {label!r} is not among the "
-                                           f"model's labels ({', '.join(roles)}); fix the label or retrain with it")
+    return Counter(label for s in sentences if s.annotated for col in s.arguments() for label in col
+                   if label not in known and label not in (O, ""))
+
+
+def describe_unseen(unseen: Counter) -> str:
+    return (f"{sum(unseen.values())} gold arguments carry labels the model was not trained with, scored as misses: "
+            + ", ".join(f"{label} x{n}" for label, n in unseen.most_common()))
 
 
 def evaluate_sentences(labeller: Labeller, gold: list[Sentence]) -> dict[str, Any]:
     """Scores with gold predicates and end to end (predicted predicates), and sentences per second."""
     gold = [s for s in gold if s.annotated]
-    check_known_roles(gold, labeller.enc.roles)
+    unseen = unseen_roles(gold, labeller.enc.roles)
     start = time.perf_counter()
     with_gold = labeller.label(gold, [s.predicates for s in gold])
     mid = time.perf_counter()
@@ -233,7 +292,8 @@ def evaluate_sentences(labeller: Labeller, gold: list[Sentence]) -> dict[str, An
     stop = time.perf_counter()
     return {"gold_predicates": score(gold, with_gold), "end_to_end": score(gold, end_to_end),
             "sentences": len(gold), "sentences_per_second_gold": len(gold) / max(mid - start, 1e-9),
-            "sentences_per_second_end_to_end": len(gold) / max(stop - mid, 1e-9), "predictions": end_to_end}
+            "sentences_per_second_end_to_end": len(gold) / max(stop - mid, 1e-9), "predictions": end_to_end,
+            "unseen_labels": dict(unseen)}
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -261,6 +321,7 @@ class SemanticRoles(HeadObjective):
 
     def fill_labels(self, cfg: Config) -> None:
         cfg.task.labels, cfg.task.senses = role_inventory(self.train_rows)
+        cfg.task.sense_lexicon = sense_lexicon(self.train_rows)
         cfg.task.pooling = "auto"
 
     def examples(self, tokenizer):
@@ -269,9 +330,9 @@ class SemanticRoles(HeadObjective):
         self.encoder = Encoder(tokenizer, task.labels, task.senses, _max_len(cfg))
         skipped = sum(not s.annotated for s in self.train_rows)
         train = [e for s in self.train_rows if s.annotated for e in self.encoder.sentence_examples(s)]
-        for s in self.valid_rows or []:  # unknown labels in the validation file are reported before training
-            if s.annotated:
-                self.encoder.sentence_examples(s)
+        unseen = unseen_roles(self.valid_rows or [], task.labels)
+        if unseen:  # reported before training; scored as misses
+            self.run.say(f"valid: {describe_unseen(unseen)}")
         self.run.say(f"srl: {len(task.labels) - 1} role labels, {len(task.senses)} sense numbers; "
                      f"{len(self.train_rows) - skipped:,} training sentences ({skipped} not annotated, left out), "
                      f"{len(train):,} examples")
@@ -289,8 +350,11 @@ class SemanticRoles(HeadObjective):
                                           reduction="sum")
         return loss
 
+    def labeller(self, model) -> Labeller:
+        return Labeller(model, self.encoder, sense_lexicon=self.run.cfg.task.sense_lexicon)
+
     def scores(self, model, sentences) -> dict[str, Any]:
-        labeller = Labeller(model, self.encoder)
+        labeller = self.labeller(model)
         gold = [s for s in sentences if s.annotated]
         out = score(gold, labeller.label(gold, [s.predicates for s in gold]))
         found = labeller.find_predicates(gold)
@@ -303,7 +367,7 @@ class SemanticRoles(HeadObjective):
 
     def final_report(self, model, summary: dict[str, Any]) -> None:
         run = self.run
-        result = evaluate_sentences(Labeller(model, self.encoder), self.valid)
+        result = evaluate_sentences(self.labeller(model), self.valid)
         write_conllu(result.pop("predictions"), run.out_dir / "valid.pred.conllu")
         summary["valid"] = {"f1_gold_predicates": result["gold_predicates"]["arguments"]["f1"],
                             "f1_end_to_end": result["end_to_end"]["arguments"]["f1"],
@@ -311,6 +375,8 @@ class SemanticRoles(HeadObjective):
                             "sense_f1_gold_predicates": result["gold_predicates"]["senses"]["f1"],
                             "sentences_per_second_end_to_end": result["sentences_per_second_end_to_end"]}
         summary["valid_scores"] = result
+        if result["unseen_labels"]:
+            run.say(f"valid: {describe_unseen(Counter(result['unseen_labels']))}")
         run.say(format_score(result["gold_predicates"], "valid, gold predicates:"))
         run.say(format_score(result["end_to_end"], "valid, predicted predicates:"))
 
@@ -336,7 +402,8 @@ def sentence_from_text(text: str, number: int = 1) -> Sentence:
 
 def load_labeller(path: str | Path, device: str = "cpu") -> tuple[Labeller, Config]:
     model, cfg, tokenizer = load_head_checkpoint(path, NAME, device)
-    return Labeller(model, Encoder(tokenizer, cfg.task.labels, cfg.task.senses, _max_len(cfg))), cfg
+    encoder = Encoder(tokenizer, cfg.task.labels, cfg.task.senses, _max_len(cfg))
+    return Labeller(model, encoder, sense_lexicon=cfg.task.sense_lexicon), cfg
 
 
 def describe(s: Sentence) -> str:
