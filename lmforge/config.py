@@ -349,6 +349,8 @@ class TaskConfig:
     early_stopping: bool = True
     #: never repeat an n-gram of this size within an output (0 = off)
     no_repeat_ngram_size: int = 0
+    #: never put a token right after itself ("mart mart", "28bnbn"); off for character-level models
+    no_immediate_repeat: bool = False
     #: output length limit = max_len_a * source tokens + max_len_b (end token included)
     max_len_a: float = 1.5
     #: see max_len_a

@@ -192,6 +192,11 @@ class Tokenizer:
                                "use ids produced by this tokenizer")
         return self._hf.decode(ids, skip_special_tokens=False)
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` with each token's (start, end) character span in ``text``."""
+        enc = self._hf.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
+
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
 

@@ -170,6 +170,17 @@ def test_length_limits_and_no_repeat_ngrams():
             assert len(bigrams) == len(set(bigrams))
 
 
+def test_no_immediate_repeat():
+    m = tiny_seq2seq()
+    for search in ("greedy", "beam"):
+        kw = {} if search == "greedy" else {"beam_size": 3}
+        plain = beam.decode(beam.Seq2SeqState(m, SOURCES, 2, 3, 20), [20] * 4, EOS, **kw)
+        outs = beam.decode(beam.Seq2SeqState(m, SOURCES, 2, 3, 20), [20] * 4, EOS, no_immediate_repeat=True, **kw)
+        assert any(a == b for o in plain for a, b in zip(o, o[1:])), "the toy model should repeat without the ban"
+        for o in outs:
+            assert all(a != b for a, b in zip(o, o[1:])), o
+
+
 def test_banned_ngram_tokens():
     assert beam.banned_ngram_tokens([1, 2, 3, 1, 2], 3) == {3}
     assert beam.banned_ngram_tokens([1, 2, 1], 2) == {2}

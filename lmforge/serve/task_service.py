@@ -33,9 +33,8 @@ class TaskService:
         tm = self.b.model
         sources, _ = tm.encode_sources(texts)
         outputs = decode_ids(tm.model, tm.fmt, sources, decoding)
-        return [(len(s), len(o), tm.tokenizer.decode(o).strip(),
-                 "length" if len(o) + 1 >= output_limit(tm.model.cfg, len(s), decoding) else "stop")
-                for s, o in zip(sources, outputs)]
+        return [(len(s), len(o), text, "length" if len(o) + 1 >= output_limit(tm.model.cfg, len(s), decoding) else "stop")
+                for s, o, text in zip(sources, outputs, tm.output_texts(texts, outputs))]
 
     async def completion(self, r: CompletionRequest, http: Request):
         from lmforge.tasks.model import Decoding

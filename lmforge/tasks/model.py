@@ -14,6 +14,7 @@ from lmforge.config import Config, ModelConfig, TaskConfig
 from lmforge.errors import LMForgeError
 from lmforge.generate import beam
 from lmforge.tasks.format import SpecialIds, TaskFormat
+from lmforge.tasks.surface import surface_text
 
 SEQ2SEQ_TASKS = ("translation", "summarization")
 
@@ -30,6 +31,7 @@ class Decoding:
     length_penalty: float = _TASK.length_penalty
     early_stopping: bool = _TASK.early_stopping
     no_repeat_ngram_size: int = _TASK.no_repeat_ngram_size
+    no_immediate_repeat: bool = _TASK.no_immediate_repeat
     max_len_a: float = _TASK.max_len_a
     max_len_b: int = _TASK.max_len_b
 
@@ -73,7 +75,7 @@ def decode_ids(model: nn.Module, fmt: TaskFormat, sources: Sequence[list[int]], 
             else:
                 state = beam.DecoderOnlyState(model, srcs, fmt.ids.pad, max(max_lens))
             outs = beam.decode(state, max_lens, fmt.ids.eos, decoding.beam_size, decoding.length_penalty,
-                               decoding.early_stopping, decoding.no_repeat_ngram_size)
+                               decoding.early_stopping, decoding.no_repeat_ngram_size, decoding.no_immediate_repeat)
             for i, out in zip(chunk, outs):
                 outputs[i] = out
     finally:
@@ -107,7 +109,12 @@ class TaskModel:
                 f"{self.cfg.task.max_source_len} tokens and were cut to it"
             )
         outputs = decode_ids(self.model, self.fmt, sources, decoding, batch_size)
-        return [self.tokenizer.decode(o).strip() for o in outputs]
+        return self.output_texts(texts, outputs)
+
+    def output_texts(self, sources: Sequence[str], outputs: Sequence[list[int]]) -> list[str]:
+        """The text of each output, written as its source writes what it copies (a lossy tokenizer
+        loses case and spacing; see :mod:`lmforge.tasks.surface`)."""
+        return [surface_text(self.tokenizer, s, o) for s, o in zip(sources, outputs)]
 
 
 def checkpoint_task(path: str | Path) -> str:

@@ -1,0 +1,108 @@
+"""The written form of a generated output, recovered from its source where the tokenizer lost it.
+
+A lossy tokenizer (an uncased WordPiece, as BERT's and MiniLM's) lower-cases the text and splits
+it at punctuation, so its decoding reads ``wal - mart sued over $ 28bn``. A summary copies most of
+its words from the article, and the article still has them as written. :func:`surface_text`
+writes every run of output tokens that the source contains, as the source has it
+(``Wal-Mart``, ``$28bn``), joined to its neighbours as the source joins them; the tokens no
+source run holds are decoded by the tokenizer, continuation pieces (``##bn``) glued to the word
+before them and punctuation to the word it follows; the first letter is capitalised when the
+first word is lower-case. A word the source capitalises only where it opens a sentence, and writes
+in lower case elsewhere, is copied in lower case.
+
+A tokenizer that gives a source back as it was (byte-level BPE, a cased SentencePiece) loses
+nothing: its decoding is the output text, untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Sequence
+
+#: a generated piece starting with one of these is glued to the text before it
+_CLOSING = tuple(",.;:!?%)]}")
+#: text ending with one of these is glued to the piece after it
+_OPENING = tuple("$£€#([{")
+#: WordPiece's mark of a piece that continues a word
+_CONTINUES = "##"
+_SPACE_BEFORE_CLOSING = re.compile(r"\s+([,.;:!?%)\]}])")
+_SPACE_AFTER_OPENING = re.compile(r"([$£€#(\[{])\s+")
+
+
+def lossless(tokenizer, text: str) -> bool:
+    """Whether the tokenizer gives ``text`` back exactly from its tokens."""
+    return tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def _sentence_start(source: str, start: int) -> bool:
+    before = source[:start].rstrip()
+    return not before or before[-1] in ".!?:;\"'\n"
+
+
+def _runs(output: Sequence[int], source: Sequence[int], starts: Sequence[bool]) -> list[tuple[int, int, int]]:
+    """Segments of the output as (output start, length, source start or -1): at each position the
+    longest run of tokens that also stands in the source (the first occurrence that does not open a
+    sentence, where there is one: its case is the word's own), else one token."""
+    where = defaultdict(list)
+    for p, t in enumerate(source):
+        where[t].append(p)
+    segments, i = [], 0
+    while i < len(output):
+        best, at = 0, -1
+        for p in where.get(output[i], ()):
+            n = 0
+            while i + n < len(output) and p + n < len(source) and source[p + n] == output[i + n]:
+                n += 1
+            if n > best or (n == best and n and starts[at] and not starts[p]):
+                best, at = n, p
+        segments.append((i, max(best, 1), at))
+        i += max(best, 1)
+    return segments
+
+
+def surface_text(tokenizer, source: str, output: Sequence[int]) -> str:
+    """The text of output token ids, written as the source writes what it copies (see the module)."""
+    output = [int(t) for t in output]
+    if lossless(tokenizer, source):
+        return tokenizer.decode(output).strip()
+    src_ids, offsets = tokenizer.encode_offsets(source)
+    starts = [_sentence_start(source, a) for a, _ in offsets]
+    lower_words = {w for w in re.findall(r"\w+", source) if w.islower()}
+    parts: list[tuple[str, bool]] = []  # (text, glued to what comes before)
+    generated: list[int] = []  # consecutive tokens no source run holds, decoded together
+
+    def flush() -> None:
+        if generated:
+            text = tokenizer.decode(generated).strip().removeprefix(_CONTINUES)
+            text = _SPACE_AFTER_OPENING.sub(r"\1", _SPACE_BEFORE_CLOSING.sub(r"\1", text))
+            first = tokenizer.id_to_token(generated[0]) or ""
+            parts.append((text, first.startswith(_CONTINUES) or text.startswith(_CLOSING)))
+            generated.clear()
+
+    for start, n, at in _runs(output, src_ids, starts):
+        if at < 0:
+            generated.append(output[start])
+            continue
+        flush()
+        text = source[offsets[at][0]:offsets[at + n - 1][1]]
+        word = re.match(r"\w+", text)
+        if starts[at] and word and word.group().lower() in lower_words and word.group()[1:].islower():
+            text = text[0].lower() + text[1:]  # capitalised only as a sentence's first word
+        first = tokenizer.id_to_token(output[start]) or ""
+        # joined in the source to the token the output has just before it ("$" + "28bn", "Yukos" + "'")
+        joined = (at > 0 and start > 0 and src_ids[at - 1] == output[start - 1]
+                  and offsets[at - 1][1] == offsets[at][0])
+        parts.append((text, joined or first.startswith(_CONTINUES) or text.startswith(_CLOSING)))
+    flush()
+    out = ""
+    for text, glued in parts:
+        if not text:
+            continue
+        if out and not glued and not out.endswith(_OPENING):
+            out += " "
+        out += text
+    words = out.split(" ", 1)
+    if words[0] and words[0] == words[0].lower():
+        out = out[0].upper() + out[1:]
+    return out

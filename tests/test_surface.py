@@ -1,0 +1,51 @@
+"""Output text recovered from the source where the tokenizer lost case and spacing (an uncased
+WordPiece, as BERT's), and left as decoded where it lost nothing (byte-level BPE)."""
+
+import pytest
+import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+from lmforge.tasks.surface import lossless, surface_text
+from lmforge.tokenizer import Tokenizer
+
+SOURCE = ("Wal-Mart is being sued over $28bn, says Yukos' owner. It's \"great\" (really) in the U.S., "
+          "and it is late.")
+
+
+@pytest.fixture(scope="module")
+def wordpiece():
+    """An uncased BERT-style WordPiece tokenizer: lower-cases, splits at punctuation, ## pieces."""
+    words = ["[UNK]", "wal", "-", "mart", "is", "being", "sued", "over", "$", "28", "##bn", ",", "says", "yu", "##kos",
+             "'", "owner", ".", "it", "s", '"', "great", "(", "really", ")", "in", "the", "u", "and", "late",
+             "rude", "lyrics", "30", "claims", "of", "boss"]
+    hf = tokenizers.Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    hf.normalizer = normalizers.BertNormalizer(lowercase=True)
+    hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    hf.decoder = decoders.WordPiece()
+    return Tokenizer(hf)
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("wal-mart sued over rude lyrics", "Wal-Mart sued over rude lyrics"),      # case and hyphen from the source
+    ("yukos owner sued $ 28bn", "Yukos owner sued $28bn"),                     # "$28bn" joined as in the source
+    ("the owner of yukos says it is great", "The owner of Yukos says it is great"),  # "It" opens a sentence only
+    ("u. s. boss sued over $ 30bn claims", "U.S. boss sued over $30bn claims"),
+    ("great , really", "Great, really"),                                       # generated punctuation glued
+])
+def test_surface_from_source(wordpiece, output, expected):
+    ids = wordpiece.encode(output)
+    assert wordpiece.decode(ids) != expected  # the plain decoding has lost it
+    assert surface_text(wordpiece, SOURCE, ids) == expected
+
+
+def test_continuation_piece_joins_the_word_before(wordpiece):
+    ids = wordpiece.encode("yukos") + [wordpiece.token_to_id("##bn")]
+    assert surface_text(wordpiece, SOURCE, ids) == "Yukosbn"
+
+
+def test_lossless_tokenizer_output_is_its_decoding():
+    text = "Wal-Mart is sued over $28bn. ¿Qué? 你好"
+    tok = Tokenizer.train([text * 3], kind="bpe", vocab_size=300)
+    assert lossless(tok, text)
+    ids = tok.encode("sued over $28bn. wal")
+    assert surface_text(tok, text, ids) == tok.decode(ids).strip() == "sued over $28bn. wal"
