@@ -185,7 +185,8 @@ class HeadObjective(Objective):
                 raise LMForgeError(f"{run.resume_from} is a {saved.task.name} run, not {cfg.task.name}; "
                                    "use another train.out_dir")
             cfg.model = saved.model
-            cfg.task.labels, cfg.task.senses, cfg.task.tuning = saved.task.labels, saved.task.senses, saved.task.tuning
+            for key in ("labels", "senses", "sense_lexicon", "tuning"):  # what the new run filled from its data
+                setattr(cfg.task, key, getattr(saved.task, key))
             check_same_model(run.resume_from, cfg, "resume from")
             source_tokenizer = run.resume_from / ckpt_io.TOKENIZER
         else:
