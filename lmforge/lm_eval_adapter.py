@@ -50,7 +50,27 @@ class _NoMetadataHint(logging.Filter):
         return "Custom kwargs can be passed" not in record.getMessage()
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record comes (lm-eval's own handler keeps the stream it
+    was made with, which a caller may have replaced and closed since)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 logging.getLogger("lm_eval.api.task").addFilter(_NoMetadataHint())
+_lm_eval_logger = logging.getLogger("lm_eval")
+if not any(isinstance(h, _StderrHandler) for h in _lm_eval_logger.handlers):
+    _handler = _StderrHandler()
+    _handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    _lm_eval_logger.addHandler(_handler)
+    _lm_eval_logger.setLevel(logging.WARNING)
+    _lm_eval_logger.propagate = False
 
 
 def go_offline() -> None:
@@ -68,11 +88,15 @@ def go_offline() -> None:
 @register_model("lmforge")
 class LMForgeLM(TemplateLM):
     """An lmforge language model as lm-eval's ``LM``: from a checkpoint (a run or checkpoint
-    directory), or from a model and its tokenizer already loaded."""
+    directory), or from a model and its tokenizer already loaded.
+
+    ``batch_size``: rows per forward (lm-eval's "auto" means the default, 16; ``max_batch_size``, which
+    lm-eval passes along with it, is not used). ``max_length``: a context shorter than the model's.
+    ``seed``: the generator of sampled generations (greedy ones need none)."""
 
     def __init__(self, checkpoint: str | None = None, *, model=None, tokenizer=None, device: str = "cpu",
                  batch_size: int | str = 16, max_length: int | None = None, max_gen_toks: int = 256,
-                 seed: int = 1234, **_ignored):
+                 seed: int = 1234, max_batch_size: int | None = None):
         super().__init__()
         if model is None:
             if checkpoint is None:
@@ -290,11 +314,11 @@ def evaluate_tasks(lm: LMForgeLM, tasks: list[str], *, include_paths: list[str] 
         return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, num_fewshot=num_fewshot,
                                        limit=limit, gen_kwargs=gen_kwargs, bootstrap_iters=bootstrap_iters,
                                        log_samples=log_samples, random_seed=seed, numpy_random_seed=seed,
-                                       torch_random_seed=seed, fewshot_random_seed=seed, verbosity="WARNING")
+                                       torch_random_seed=seed, fewshot_random_seed=seed)
     except LMForgeError:
         raise
-    except (ConnectionError, OSError) as e:
-        if "offline" in str(e).lower() or "internet" in str(e).lower() or "hub" in str(e).lower():
+    except OSError as e:  # ConnectionError included: the Hub refused in offline mode
+        if "offline" in str(e).lower():
             raise LMForgeError(f"a task wanted to download its data ({str(e).splitlines()[0]}); lmforge eval never "
                                "downloads: give the task local data_files, or have the dataset in the local "
                                "Hugging Face cache") from None

@@ -23,6 +23,9 @@ from lmforge.train.checkpoint import load_model  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 CORPUS = "the quick brown fox jumps over the lazy dog.\npack my box with five dozen liquor jugs.\n" * 200
+# GPT-2's shape (learned positions, LayerNorm, tanh-GELU, biases), and Llama's (rotary, RMSNorm, SwiGLU)
+GPT2 = ["--model.pos_encoding=learned", "--model.norm=layernorm", "--model.ffn=gelu_tanh", "--model.bias=true"]
+LLAMA = ["--model.pos_encoding=rotary", "--model.norm=rmsnorm", "--model.ffn=swiglu", "--model.bias=false"]
 TRAIN = ["--model.n_layer=2", "--model.n_head=2", "--model.d_model=48", "--model.block_size=64",
          "--train.batch_size=4", "--train.max_steps=40", "--train.lr=1e-2", "--train.warmup_steps=5",
          "--train.eval_interval=0", "--train.eval_batches=1", "--train.ckpt_interval=40", "--train.progress=false",
@@ -40,6 +43,32 @@ QUESTIONS = [
 # passages for the cloze task, and a text several windows long (block_size 64) for the perplexity task
 PASSAGES = "the quick brown fox\njumps over the lazy dog.\npack my box with five dozen liquor jugs.\nthe lazy dog\n"
 TEXT = CORPUS[:700]
+# a generate_until task of the user's own (--include-path): a local JSONL through the json builder
+GEN_TASK = """\
+task: gen_task
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 20
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+GEN_DOCS = [{"prompt": "the quick brown", "answer": " fox jumps over the lazy dog"},
+            {"prompt": "pack my box", "answer": " with five dozen liquor jugs"},
+            {"prompt": "the lazy", "answer": " dog"}, {"prompt": "five dozen", "answer": " liquor jugs"},
+            {"prompt": "over", "answer": " the lazy dog"}]
 HUB_TASK = """\
 task: hub_task
 dataset_path: lmforge-test/no-such-dataset
@@ -60,26 +89,43 @@ def run_cli(argv) -> str:
     return out.getvalue()
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, one_thread):
-    """A tiny character-level GPT-2-shaped model trained for a few steps, its Hugging Face export, and
-    the local data files of lmforge's tasks."""
-    root = tmp_path_factory.mktemp("harness")
+def trained(root: Path, shape: list[str]) -> Path:
+    """A tiny character-level model of this shape trained for a few steps (root/run), its Hugging Face
+    export (root/hf), and the local data files of lmforge's tasks."""
     (root / "corpus.txt").write_text(CORPUS, encoding="utf-8")
     run_cli(["train", f"--data.corpus={root / 'corpus.txt'}", f"--data.data_dir={root / 'data'}",
-             f"--train.out_dir={root / 'run'}", *TRAIN])
+             f"--train.out_dir={root / 'run'}", *TRAIN, *shape])
     run_cli(["export", root / "run", root / "hf"])
     (root / "mc.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS), encoding="utf-8")
     (root / "passages.txt").write_text(PASSAGES, encoding="utf-8")
     (root / "text.txt").write_text(TEXT, encoding="utf-8")
     (root / "bad.jsonl").write_text(json.dumps(QUESTIONS[0]) + "\n" + json.dumps({"question": "x", "choices": ["a"],
                                                                                  "label": 0}) + "\n")
+    (root / "gen").mkdir()
+    (root / "gen" / "gen.jsonl").write_text("".join(json.dumps(d) + "\n" for d in GEN_DOCS), encoding="utf-8")
+    (root / "gen" / "gen_task.yaml").write_text(GEN_TASK.format(data=json.dumps(str(root / "gen" / "gen.jsonl"))),
+                                                encoding="utf-8")
     (root / "hub").mkdir()  # a task whose data is on the Hugging Face Hub: refused, never downloaded
     (root / "hub" / "hub_task.yaml").write_text(HUB_TASK, encoding="utf-8")
     return root
 
 
-def run_both(tiny, tasks, data, limit=None):
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, one_thread):
+    """GPT-2-shaped (learned positions: a row of block_size + 1 tokens must not reach the model whole)."""
+    root = trained(tmp_path_factory.mktemp("harness"), GPT2)
+    assert json.loads((root / "hf" / "config.json").read_text())["model_type"] == "gpt2"
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, one_thread):
+    root = trained(tmp_path_factory.mktemp("harness-llama"), LLAMA)
+    assert json.loads((root / "hf" / "config.json").read_text())["model_type"] == "llama"
+    return root
+
+
+def run_both(tiny, tasks, data, limit=None, include_paths=()):
     """The same tasks through lm-eval's hf model and lmforge's adapter: {name: results}."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -88,11 +134,12 @@ def run_both(tiny, tasks, data, limit=None):
 
     model, _, tokenizer = load_model(tiny / "run")
     ours = evaluate_tasks(LMForgeLM(model=model, tokenizer=tokenizer, batch_size=4), tasks, data=data,
-                          limit=limit, bootstrap_iters=0, log_samples=True)
+                          include_paths=include_paths, limit=limit, bootstrap_iters=0, log_samples=True)
     go_offline()
     hf = HFLM(pretrained=str(tiny / "hf"), device="cpu", batch_size=4, dtype="float32")
-    theirs = simple_evaluate(model=hf, tasks=tasks, task_manager=task_manager(data=task_data(tasks, data)),
-                             limit=limit, bootstrap_iters=0, log_samples=True, verbosity="WARNING")
+    manager = task_manager(list(include_paths), data=task_data(tasks, data))
+    theirs = simple_evaluate(model=hf, tasks=tasks, task_manager=manager,
+                             limit=limit, bootstrap_iters=0, log_samples=True)
     return ours, theirs
 
 
@@ -105,7 +152,8 @@ def assert_same_scores(ours, theirs, task):
         assert mine[doc_id]["arguments"] == s["arguments"]  # the same requests
         for (a,), (b,) in zip(mine[doc_id]["resps"], s["resps"], strict=True):
             a, b = (a, None) if isinstance(a, float) else a, (b, None) if isinstance(b, float) else b
-            assert a[0] == pytest.approx(b[0], abs=1e-4), (task, doc_id, s["arguments"])
+            # within 1e-4; a rolling sum over a long text within hf's float32 rounding of its sum (1e-6 relative)
+            assert a[0] == pytest.approx(b[0], abs=1e-4, rel=1e-6), (task, doc_id, s["arguments"])
             assert a[1] == b[1]  # is_greedy (None for rolling log-likelihoods)
             n += 1
     assert n >= len(ref)
@@ -114,8 +162,10 @@ def assert_same_scores(ours, theirs, task):
             assert ours["results"][task][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (task, key)
 
 
-def test_adapter_matches_lm_eval_hf_model(tiny, offline):
+@pytest.mark.parametrize("shape", ["tiny", "tiny_llama"])
+def test_adapter_matches_lm_eval_hf_model(shape, offline, request):
     pytest.importorskip("transformers")
+    tiny = request.getfixturevalue(shape)
     tasks = list(TASKS)
     data = [f"lmforge_choice={tiny / 'mc.jsonl'}", f"lmforge_cloze={tiny / 'passages.txt'}",
             f"lmforge_perplexity={tiny / 'text.txt'}"]
@@ -140,6 +190,18 @@ def test_adapter_matches_lm_eval_hf_model_on_shared_validation_data(tiny, offlin
     ours, theirs = run_both(tiny, tasks, data, limit=6)
     for task in tasks:
         assert_same_scores(ours, theirs, task)
+
+
+def test_generation_matches_lm_eval_hf_model(tiny, offline):
+    """generate_until on a task YAML of the user's (--include-path): lmforge's greedy decoding, cut at the
+    first stop string, gives the hf model's texts."""
+    pytest.importorskip("transformers")
+    ours, theirs = run_both(tiny, ["gen_task"], [], include_paths=[tiny / "gen" / "gen_task.yaml"])
+    mine = {s["doc_id"]: s["resps"][0][0] for s in ours["samples"]["gen_task"]}
+    ref = {s["doc_id"]: s["resps"][0][0] for s in theirs["samples"]["gen_task"]}
+    assert mine == ref and len(mine) == len(GEN_DOCS)
+    assert any(text for text in mine.values()) and not any("\n" in t or "." in t for t in mine.values())
+    assert ours["results"]["gen_task"]["exact_match,none"] == theirs["results"]["gen_task"]["exact_match,none"]
 
 
 def test_rolling_loglikelihood_is_lmforge_eval_loss(tiny):

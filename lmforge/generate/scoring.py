@@ -34,27 +34,27 @@ class RowScores:
 @torch.inference_mode()
 def score_rows(model, rows: Sequence[Sequence[int]], *, top: int = 0, greedy_limit: int | None = None,
                device: torch.device | str | None = None) -> list[RowScores]:
-    """Score each row of token ids (each at most the model's ``block_size``) in one batched forward.
+    """Score each row of token ids in one batched forward of every row but its last token (so a row
+    may be up to ``block_size + 1`` tokens: the model reads at most ``block_size``).
 
     ``top``: also the ``top`` likeliest tokens at each position. ``greedy_limit``: the number of ids
     the tokenizer can decode, where the model's vocabulary is larger (a padded embedding); the
     greedy flags then consider only ids below it, as greedy decoding does (the log-probabilities
     are always over the whole vocabulary).
     """
-    if not rows:
-        return []
+    out = [RowScores([], []) for _ in rows]
+    scored = [b for b, ids in enumerate(rows) if len(ids) >= 2]
+    if not scored:
+        return out
     if device is None:
         device = next(model.parameters()).device
-    idx, _ = pad_batch(rows, 0)
-    logits = model(idx.to(device))  # [B, T, V]
-    out = []
-    for b, ids in enumerate(rows):
-        n = len(ids)
-        if n < 2:
-            out.append(RowScores([], []))
-            continue
-        logp = torch.log_softmax(logits[b, : n - 1].double(), dim=-1)  # [n - 1, V]
-        targets = idx[b, 1:n].to(device)
+    idx, _ = pad_batch([list(rows[b]) for b in scored], 0)
+    idx = idx.to(device)
+    logits = model(idx[:, :-1])  # [B, T - 1, V]: position i predicts token i + 1
+    for row, b in enumerate(scored):
+        n = len(rows[b])
+        logp = torch.log_softmax(logits[row, : n - 1].double(), dim=-1)  # [n - 1, V]
+        targets = idx[row, 1:n]
         picked = logp.gather(1, targets[:, None]).squeeze(1)
         limited = logp if greedy_limit is None or greedy_limit >= logp.size(-1) else logp[:, :greedy_limit]
         greedy = (limited.argmax(dim=-1) == targets).tolist()
@@ -62,5 +62,5 @@ def score_rows(model, rows: Sequence[Sequence[int]], *, top: int = 0, greedy_lim
         if top > 0:
             values, indices = logp.topk(min(top, logp.size(-1)), dim=-1)
             tops = [dict(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
-        out.append(RowScores(picked.tolist(), greedy, tops))
+        out[b] = RowScores(picked.tolist(), greedy, tops)
     return out
