@@ -145,21 +145,49 @@ COMMANDS: tuple[Command, ...] = (
             "Sample text from a checkpoint. The prompt comes from --prompt, or from stdin when it is piped (one "
             "prompt, or one per line with --lines).",
             c.cmd_generate, (checkpoint(), SAMPLING, DEVICE)),
-    Command("eval", "loss and perplexity of a checkpoint",
+    Command("eval", "loss and perplexity of a checkpoint, or lm-evaluation-harness tasks",
             "Loss (nats per token) and perplexity of a checkpoint on a text file, or on the val split of the data "
-            "it was trained on, over sequential windows.",
+            "it was trained on, over sequential windows. With --tasks, run lm-evaluation-harness tasks (pip "
+            "install 'lmforge[eval]') on a language model: lmforge's own (lmforge_choice, lmforge_cloze, "
+            "lmforge_perplexity, on local files given with --data) and task YAMLs of your own (--include-path); "
+            "prints lm-eval's table and writes the results as JSON to RUN/lm-eval/. Nothing is downloaded.",
             c.cmd_eval, (
                 checkpoint(),
                 arg("--file", "-f", default=None, help="evaluate on this UTF-8 text file instead of a split"),
                 arg("--split", default="val", choices=["train", "val"], help="data split (default: val)"),
-                batch_size(16, "windows per batch"),
+                batch_size(16, "windows (with --tasks: requests) per batch"),
                 arg("--max-batches", type=int, default=None, help="stop after this many batches (default: all)"),
                 DEVICE,
                 arg("--output", "-o", default=None,
                     help="translation/summarization checkpoints: folder for hypotheses.txt and scores.json "
-                         "(default: eval-<test file name>); --file is then a TSV/JSONL test file"),
+                         "(default: eval-<test file name>); --file is then a TSV/JSONL test file. With --tasks: "
+                         "the results file (.json) or its folder (default: RUN/lm-eval/)"),
                 arg("--beam-size", type=int, default=None, help="translation/summarization checkpoints: beam "
                                                                 "size (default: the checkpoint's task.beam_size)"),
+                arg("--tasks", default=None, metavar="NAME[,NAME]",
+                    help="lm-evaluation-harness tasks to run (lmforge_choice, lmforge_cloze, lmforge_perplexity, "
+                         "or your own with --include-path)"),
+                arg("--data", action="append", default=[], metavar="[TASK=]FILE",
+                    help="the local file an lmforge_* task reads (repeatable; FILE alone: every lmforge_* task "
+                         "named). lmforge_choice: JSONL {question, choices, label}; lmforge_cloze: text, one "
+                         "passage a line; lmforge_perplexity: text (one document) or JSONL (\"text\")"),
+                arg("--include-path", action="append", default=[], metavar="DIR",
+                    help="a folder of task YAMLs of your own, or one YAML file (repeatable); their datasets "
+                         "must be local (dataset_path: json with data_files)"),
+                arg("--builtin-tasks", action="store_true",
+                    help="also index lm-eval's built-in tasks (slow); their datasets must already be in the "
+                         "local Hugging Face cache"),
+                arg("--num-fewshot", type=int, default=None, help="examples in each prompt (default: the task's)"),
+                arg("--limit", type=float, default=None,
+                    help="at most this many examples per task (a fraction below 1: that share of them)"),
+                arg("--gen-kwargs", default=None, metavar="K=V[,K=V]",
+                    help="generation settings for generate_until tasks, e.g. max_gen_toks=64,do_sample=true,"
+                         "temperature=0.7"),
+                arg("--log-samples", action="store_true",
+                    help="also write every example's prompt and scores (samples_<task>_*.jsonl beside the results)"),
+                arg("--bootstrap-iters", type=int, default=100000,
+                    help="bootstrap resamples for the standard errors (default: 100000, as lm-eval; 0: none)"),
+                arg("--seed", type=int, default=1234, help="seed for few-shot sampling and decoding (default: 1234)"),
             )),
     Command("finetune", "train a translation or summarization model (encoder-decoder or decoder-only)",
             "Train a model on (source, target) examples from a TSV file with a header row or JSONL: translation "

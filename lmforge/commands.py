@@ -143,12 +143,41 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from lmforge.tasks.model import checkpoint_task
 
+    if args.tasks is not None:
+        return _eval_harness(args)
     if checkpoint_task(args.checkpoint) != "lm":  # a translation or summarization checkpoint
         return _eval_task(args)
     model, cfg, tokenizer = load_model(args.checkpoint, device=args.device)
     result = evaluate_checkpoint(model, cfg, tokenizer, text_file=args.file, split=args.split,
                                  batch_size=args.batch_size, max_batches=args.max_batches, device=args.device)
     print(json.dumps(result, indent=2))
+
+
+def _eval_harness(args: argparse.Namespace) -> None:
+    """``lmforge eval --tasks``: lm-evaluation-harness tasks on a language model (``lmforge.lm_eval_adapter``)."""
+    if args.file is not None:
+        raise LMForgeError("--file measures the loss on a text; with --tasks give a task's data with --data "
+                           "TASK=FILE (lmforge_perplexity scores a text file the same way)")
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise LMForgeError("lmforge eval --tasks needs lm-eval (EleutherAI's lm-evaluation-harness); install it "
+                           "with: pip install 'lmforge[eval]'") from None
+    from lm_eval.utils import make_table
+
+    from lmforge.lm_eval_adapter import LMForgeLM, evaluate_tasks, results_path, save_results
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    lm = LMForgeLM(args.checkpoint, device=args.device, batch_size=args.batch_size, seed=args.seed)
+    results = evaluate_tasks(lm, tasks, include_paths=args.include_path, data=args.data,
+                             builtin=args.builtin_tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                             gen_kwargs=args.gen_kwargs, bootstrap_iters=args.bootstrap_iters,
+                             log_samples=args.log_samples, seed=args.seed)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    for path in save_results(results, results_path(args.checkpoint, args.output)):
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def cmd_plot(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -1,8 +1,19 @@
 """``lmforge eval``: loss and perplexity of a checkpoint on a text file or a data split.
 
-The text is cut into sequential, non-overlapping windows of ``block_size`` tokens, so
-every token (after the first) is predicted exactly once. Loss is the mean negative
-log-likelihood in nats per token; perplexity is its exponential.
+The tokens are cut into sequential, non-overlapping windows of ``block_size`` tokens, so every
+token after the first is predicted exactly once, each with as much context as its window gives (the
+last window, for a tail shorter than a block, ends at the last token and scores only its new
+targets; see ``lmforge.data.sampler.eval_batches``). Loss is the mean negative log-likelihood in
+nats per token; perplexity is its exponential.
+
+A text file (``--file``) is read as the training data is (a .jsonl file is one document per line)
+and each document is preceded by the end-of-text token, which separates documents in training: the
+first token of every document is predicted too, so every token of the text is scored, and nothing
+that is not in it except the separators between documents. For a one-document text this is exactly
+lm-evaluation-harness's rolling log-likelihood (``loglikelihood_rolling``, its perplexity tasks),
+which conditions the first token on the end-of-text token and cuts longer texts into the same
+windows; ``lmforge eval --tasks`` runs it. A tokenizer without an end-of-text token leaves the first
+token of the text unscored.
 """
 
 from __future__ import annotations
@@ -28,14 +39,17 @@ class ArrayDataset:
 
 
 def text_dataset(path: str | Path, tokenizer) -> ArrayDataset:
-    """Tokenize one UTF-8 file (or any corpus spec that ``iter_documents`` reads) for evaluation."""
-    from lmforge.data.sources import iter_documents
+    """Tokenize one UTF-8 file (or any corpus spec that ``iter_pieces`` reads) for evaluation: each
+    document preceded by the end-of-text token (when the tokenizer has one)."""
+    from lmforge.data.sources import iter_pieces
 
     ids: list[int] = []
-    for _, text in iter_documents([str(path)]):
-        ids.extend(tokenizer.encode(text))
-        if tokenizer.eot_id is not None:
+    starts_document = True
+    for _, text, last in iter_pieces([str(path)]):
+        if starts_document and tokenizer.eot_id is not None:
             ids.append(tokenizer.eot_id)
+        ids.extend(tokenizer.encode(text))
+        starts_document = last
     return ArrayDataset(np.array(ids, dtype=np.int64))
 
 

@@ -8,7 +8,6 @@ the Hugging Face format by `lmforge export`.
 """
 
 import json
-import sys
 
 import pytest
 import torch
@@ -51,18 +50,6 @@ metric_list:
 metadata:
   version: 1.0
 """
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """No network: the Hugging Face libraries told so, also where they read the setting at import."""
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(name, "1")
-    if "huggingface_hub" in sys.modules:
-        monkeypatch.setattr(sys.modules["huggingface_hub"].constants, "HF_HUB_OFFLINE", True)
-    if "datasets" in sys.modules:
-        monkeypatch.setattr(sys.modules["datasets"].config, "HF_HUB_OFFLINE", True, raising=False)
-        monkeypatch.setattr(sys.modules["datasets"].config, "HF_DATASETS_OFFLINE", True, raising=False)
 
 
 def test_lm_eval_local_completions_matches_lmforge_scoring(tmp_path, offline, monkeypatch):

@@ -17,6 +17,8 @@ from typing import AsyncIterator, Callable, Iterator, Protocol, Sequence
 
 import torch
 
+from lmforge.generate.scoring import score_rows
+
 
 class _Cancels(Protocol):
     """What a request needs of its engine: a way to give up its batch slot."""
@@ -199,18 +201,11 @@ class ScoreJob:
     def compute(self, model, device: torch.device):
         """The forward itself (on the worker): log p(ids[i] | ids[:i]) for each i (None for i = 0)
         and, when ``top`` is set, with them the ``top`` likeliest tokens at each position."""
-        idx = torch.tensor([self.ids], device=device)
-        logits = model(idx)[0].double()  # [T, V]
-        logp = torch.log_softmax(logits, dim=-1)
-        targets = torch.tensor(self.ids[1:], device=device)
-        picked = logp[:-1].gather(1, targets[:, None]).squeeze(1).tolist() if len(self.ids) > 1 else []
+        scores = score_rows(model, [self.ids], top=self.top or 0, device=device)[0]
         if self.top is None:
-            return [None] + picked
-        tops: list[dict[int, float] | None] = [None] + [{} for _ in picked]
-        if self.top > 0 and picked:
-            values, indices = logp[:-1].topk(self.top, dim=-1)
-            tops = [None] + [dict(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
-        return [None] + picked, tops
+            return [None] + scores.logprobs
+        tops: list[dict[int, float] | None] = [None] + (scores.top if self.top > 0 else [{} for _ in scores.logprobs])
+        return [None] + scores.logprobs, tops
 
 
 def describe_error(exc: BaseException) -> str:
