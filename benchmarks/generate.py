@@ -7,6 +7,10 @@ new tokens (no early stop), batch sizes ``--batches``. Within a batch size the s
 run by run (so a busy machine slows them alike); each reports the median tokens/s over
 ``--runs`` runs after one warm-up. ``same_tokens`` says whether its greedy tokens equal
 transformers' float32 tokens, ``same_prefix`` how many of the first tokens agree on average.
+Against the memory-bandwidth bound: a decoding step reads every weight once (``weights_MB``) and
+gives one token per row, so at the measured copy bandwidth (a 512 MB tensor copy, bytes read +
+written) no decoder can beat ``bound_tok_s`` = batch x bandwidth / weight bytes; ``of_bound_%``
+is lmforge's tokens/s as a share of it.
 
 Sides: transformers and lmforge in float32; both in bfloat16 only where a quick matmul probe
 finds bf16 faster than float32 (CPUs without AMX/AVX512-BF16 run bf16 matmuls several times
@@ -49,6 +53,31 @@ def matmul_seconds(dtype: torch.dtype, n: int = 768, rows: int = 8, repeats: int
         a @ b
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second a tensor copy moves (read + written) on this machine, best of ``repeats``:
+    the memory bandwidth a decoding step, which reads every weight once, can hope for."""
+    src = torch.ones(megabytes * 2 ** 20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / best
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the weights one decoding step reads: every parameter and buffer once (a tied
+    embedding counts once; int8 weights are buffers)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 def build_models(seed: int):
@@ -122,17 +151,20 @@ def main() -> None:
           + ", ".join(f"{d} {s * 1e3:.3f} ms" for d, s in probe.items())
           + f"; fastest float dtype here: {fastest}")
 
+    bandwidth = copy_bandwidth()
+    print(f"memory copy bandwidth (512 MB, read + written, best of 5): {bandwidth / 1e9:.1f} GB/s")
     hf, ours = build_models(args.seed)
     models = {}
     for name in dtypes:
         models[("transformers", name)] = copy.deepcopy(hf).to(DTYPES[name])
         models[("lmforge", name)] = copy.deepcopy(ours).to(DTYPES[name])
     models[("lmforge", "int8")] = quantize_int8(ours)
+    read = {mode: weight_bytes(m) for (lib, mode), m in models.items() if lib == "lmforge"}
     del hf, ours
     sides = {f"{lib} {mode}": (run_lmforge if lib == "lmforge" else run_transformers, m)
              for (lib, mode), m in models.items()}
     columns = ["batch", "lmforge", "lmforge_tok_s", "transformers", "transformers_tok_s", "speedup", "same_tokens",
-               "same_prefix"]
+               "same_prefix", "weights_MB", "bound_tok_s", "of_bound_%"]
     rows = []
     for batch in args.batches:
         measured = measure(sides, batch, args.prompt_len, args.new_tokens, args.runs, args.seed)
@@ -146,6 +178,10 @@ def main() -> None:
                 "transformers": theirs.split()[1], "transformers_tok_s": round(their_tps, 2),
                 "speedup": round(ours_tps / their_tps, 2), "same_tokens": ours_tokens == reference,
                 "same_prefix": round(common_prefix(ours_tokens, reference), 1),
+                # the memory-bandwidth bound: each step reads the weights once and gives `batch` tokens
+                "weights_MB": round(read[mode] / 1e6, 1),
+                "bound_tok_s": round(batch * bandwidth / read[mode], 1),
+                "of_bound_%": round(100 * ours_tps * read[mode] / (batch * bandwidth), 1),
                 "lmforge_runs_s": [round(t, 3) for t in ours_runs],
                 "transformers_runs_s": [round(t, 3) for t in their_runs],
             })
@@ -158,6 +194,7 @@ def main() -> None:
                   "runs": args.runs, "statistic": "median tokens/s after 1 warm-up, sides alternating run by run",
                   "threads": torch.get_num_threads()},
         "matmul_probe_ms": {d: round(s * 1e3, 4) for d, s in probe.items()},
+        "copy_bandwidth_bytes_per_s": bandwidth,
         "fastest_float_dtype": fastest,
         "results": rows,
     })
