@@ -1,24 +1,32 @@
-"""Reference recipe vs fast recipe on tinyshakespeare, side by side in one run.
+"""Time to nanoGPT's loss on tinyshakespeare: the reference recipe and the fast recipe, whole processes.
 
     python benchmarks/train_shakespeare.py [--data ../shared/data/tinyshakespeare.txt] [--only reference|fast]
+                                           [--runs 1] [--nanogpt PATH/TO/nanoGPT]
 
-1. reference: nanoGPT's shakespeare_char CPU recipe (configs/tinyshakespeare-reference.yaml):
-   65 characters, first 90% train / last 10% val, 4 layers x 4 heads x 128, block 64, batch 12,
-   AdamW 1e-3, 100 warmup steps, cosine to 1e-4 over 2000 steps.
-2. fast: configs/tinyshakespeare-fast.yaml, the same data, split and val measurement, anything
-   lmforge offers (rotary positions, SwiGLU, RMSNorm, the Muon optimizer, a 400-step schedule);
-   reported as the wall time to reach the reference's target val loss, evaluations included.
+1. reference: nanoGPT's shakespeare_char CPU line (its README: 4 layers x 4 heads x 128, block 64,
+   batch 12, AdamW 1e-3, cosine to 1e-4 over 2000 steps, no dropout) as the lmforge recipe
+   tinyshakespeare-reference; with ``--nanogpt DIR`` also nanoGPT's own ``train.py`` from a
+   checkout, run with that command line (``--device=cpu --compile=False --eval_iters=20 ...``).
+2. fast: the recipe tinyshakespeare-fast: the same data, split and validation measurement, and
+   whatever lmforge offers.
 
-Validation loss, for both: mean over 20 random batches of 12 windows of 64 tokens of the val split.
-Each recipe runs in its own process (so peak memory is its own); the matmul peak that model FLOP/s
-are compared with is measured in this same run. Prints a table, writes benchmarks/results/train_shakespeare.json.
+Each run is a whole process, timed from the moment it is started (``python -m lmforge train``,
+imports, data checks, the dtype probe and all evaluations included) to the end of the first
+evaluation at or below TARGET_VAL_LOSS (nanoGPT's CPU line at step 2000 on this machine), and to
+its exit. Validation loss, for all: mean over 20 random batches of 12 windows of 64 characters of
+the last 10% of the text. The data is prepared before the clock starts (nanoGPT's prepare.py too).
+Also timed: ``lmforge --help`` and ``lmforge train`` from process start to the end of its first
+optimizer step. Medians over ``--runs`` runs, the recipes taking turns. Prints a table and
+writes benchmarks/results/train_shakespeare.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,92 +35,137 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import SHARED_DATA, matmul_peak_flops, print_table, write_result  # noqa: E402
+from common import ROOT, SHARED_DATA, print_table, write_result  # noqa: E402
 
-TARGET_VAL_LOSS = 1.8857  # nanoGPT's shakespeare_char CPU recipe at step 2000, on this machine
+TARGET_VAL_LOSS = 1.8857  # nanoGPT's shakespeare_char CPU line at step 2000, on this machine
 RECIPES = {"reference": "tinyshakespeare-reference", "fast": "tinyshakespeare-fast"}
 EVAL = ["--train.eval_batches=20", "--train.eval_batch_size=12", "--model.block_size=64"]
+NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+                "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+                "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+LMFORGE = [sys.executable, "-m", "lmforge"]
 
 
-def run_child(name: str, data: str, workdir: str) -> dict:
-    """Train one recipe in this process and summarise it (called in a subprocess)."""
-    from lmforge.recipes import load_config
-    from lmforge.model import DecoderLM
-    from lmforge.tasks.lm import train
+def lmforge_args(name: str, data: str, workdir: str, run: str) -> list[str]:
+    return ["-c", RECIPES[name], f"--data.corpus={data}", f"--data.data_dir={workdir}/data-{name}",
+            f"--train.out_dir={workdir}/{run}", "--train.tensorboard=false", "--train.ckpt_interval=0", *EVAL]
 
-    overrides = [f"--data.corpus={data}", f"--data.data_dir={workdir}/data-{name}",
-                 f"--train.out_dir={workdir}/run-{name}", "--train.progress=false", "--train.tensorboard=false",
-                 "--train.ckpt_interval=0", *EVAL]
-    cfg = load_config(RECIPES[name], overrides)
-    t0 = time.perf_counter()
-    summary = train(cfg)
-    wall = time.perf_counter() - t0
-    records = [json.loads(x) for x in Path(cfg.train.out_dir, "metrics.jsonl").read_text().splitlines()]
+
+def run_lmforge(name: str, data: str, workdir: str, index: int) -> dict:
+    """One whole `lmforge train` process: wall times from its start, and what it logged."""
+    run = f"run-{name}-{index}"
+    start = time.time()
+    proc = subprocess.run([*LMFORGE, "train", *lmforge_args(name, data, workdir, run), "--quiet"],
+                          capture_output=True, text=True, cwd=ROOT)
+    end = time.time()
+    if proc.returncode:
+        sys.exit(f"error: {name} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    records = [json.loads(x) for x in Path(workdir, run, "metrics.jsonl").read_text().splitlines()]
     vals = [r for r in records if "val_loss" in r]
     reached = next((r for r in vals if r["val_loss"] <= TARGET_VAL_LOSS), None)
-    tokens_per_step = cfg.train.batch_size * cfg.model.block_size * cfg.train.grad_accum
     speeds = [r["tokens_per_second"] for r in records if r.get("tokens_per_second")]
-    tok_s = statistics.median(speeds)
-    cfg.model.vocab_size = json.loads(Path(cfg.data.data_dir, "meta.json").read_text())["vocab_size"]
-    flops_per_token = DecoderLM(cfg.model).flops_per_token(cfg.model.block_size)
-    return {
-        "recipe": RECIPES[name], "steps": summary["steps"], "tokens_per_step": tokens_per_step,
-        "ms_per_step": 1000 * tokens_per_step / tok_s, "tokens_per_second": tok_s,
-        "model_flops_per_second": flops_per_token * tok_s, "final_val_loss": summary["val_loss"],
-        "time_to_target_s": reached["elapsed"] if reached else None,
-        "step_to_target": reached["step"] if reached else None,
-        "train_time_s": records[-1]["elapsed"], "wall_time_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "val_curve": [(r["step"], round(r["elapsed"], 2), round(r["val_loss"], 4)) for r in vals],
-    }
+    return {"steps": summary["steps"], "dtype": summary["dtype"], "final_val_loss": summary["val_loss"],
+            "tokens_per_second": statistics.median(speeds),
+            "step_to_target": reached["step"] if reached else None,
+            "to_target_s": reached["time"] - start if reached else None,
+            "first_step_s": summary["first_step_time"] - start, "wall_s": end - start,
+            "val_curve": [(r["step"], round(r["time"] - start, 2), round(r["val_loss"], 4)) for r in vals]}
+
+
+def run_nanogpt(repo: Path, data: str) -> dict:
+    """nanoGPT's train.py, its README's CPU line; the val losses are read from its output as they come."""
+    start = time.time()
+    proc = subprocess.Popen([sys.executable, "train.py", *NANOGPT_ARGS], cwd=repo, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    vals, first_step = [], None
+    for line in proc.stdout:
+        if first_step is None and re.match(r"iter 0: loss", line):
+            first_step = time.time() - start
+        m = re.match(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", line)
+        if m:
+            vals.append((int(m.group(1)), round(time.time() - start, 2), float(m.group(2))))
+    if proc.wait():
+        sys.exit("error: nanoGPT's train.py failed; run it by hand in its directory to see why")
+    end = time.time()
+    reached = next((v for v in vals if v[2] <= TARGET_VAL_LOSS), None)
+    return {"steps": vals[-1][0] if vals else None, "dtype": "float32", "final_val_loss": vals[-1][2] if vals else None,
+            "tokens_per_second": None, "step_to_target": reached[0] if reached else None,
+            "to_target_s": reached[1] if reached else None, "first_step_s": first_step, "wall_s": end - start,
+            "val_curve": vals}
+
+
+def help_seconds(runs: int = 5) -> float:
+    """Median wall time of a whole `lmforge --help` process."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([*LMFORGE, "--help"], capture_output=True, check=True, cwd=ROOT)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def prepare_nanogpt(repo: Path, data: str) -> None:
+    target = repo / "data" / "shakespeare_char"
+    shutil.copy(data, target / "input.txt")
+    subprocess.run([sys.executable, "prepare.py"], cwd=target, check=True, capture_output=True)
+
+
+def median_row(name: str, runs: list[dict]) -> dict:
+    row = dict(runs[0])
+    for key in ("tokens_per_second", "to_target_s", "first_step_s", "wall_s", "final_val_loss", "step_to_target"):
+        values = [r[key] for r in runs if r[key] is not None]
+        row[key] = statistics.median(values) if len(values) == len(runs) else None
+    row["runs"] = runs
+    return {"name": name, **row}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(SHARED_DATA / "tinyshakespeare.txt"), help="tinyshakespeare.txt")
-    parser.add_argument("--only", choices=list(RECIPES), help="run one recipe")
-    parser.add_argument("--child", choices=list(RECIPES), help=argparse.SUPPRESS)
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--only", choices=list(RECIPES), help="run one lmforge recipe")
+    parser.add_argument("--runs", type=int, default=1, help="runs of each (median reported; they take turns)")
+    parser.add_argument("--nanogpt", type=Path, default=None, help="a nanoGPT checkout: also run its train.py")
     args = parser.parse_args()
-    if args.child:
-        print("RESULT " + json.dumps(run_child(args.child, args.data, args.workdir)))
-        return
-    if not Path(args.data).is_file():
+    data = str(Path(args.data).resolve())
+    if not Path(data).is_file():
         sys.exit(f"error: {args.data} not found; pass --data PATH to tinyshakespeare.txt")
+    if args.nanogpt and not (args.nanogpt / "train.py").is_file():
+        sys.exit(f"error: {args.nanogpt} holds no train.py; pass the directory of a nanoGPT checkout")
+    names = [args.only] if args.only else list(RECIPES)
 
-    peak_before = matmul_peak_flops()
-    rows = []
+    results: dict[str, list[dict]] = {n: [] for n in (["nanoGPT"] if args.nanogpt else []) + names}
     with tempfile.TemporaryDirectory() as workdir:
-        for name in ([args.only] if args.only else list(RECIPES)):
-            print(f"running {name} ...", flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--child", name, "--data", args.data,
-                                   "--workdir", workdir], capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                sys.exit(f"error: {name} failed:\n{proc.stderr[-3000:]}")
-            rows.append({"name": name, **json.loads(line[len("RESULT "):])})
-    peak = max(peak_before, matmul_peak_flops())
+        env_note = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+        for name in names:  # prepared before any clock starts, as nanoGPT's prepare.py
+            subprocess.run([*LMFORGE, "prepare", *lmforge_args(name, data, workdir, "prep")[:4]],
+                           check=True, capture_output=True, cwd=ROOT)
+        if args.nanogpt:
+            prepare_nanogpt(args.nanogpt, data)
+        help_s = help_seconds()
+        for i in range(args.runs):
+            for name in results:
+                print(f"run {i + 1}/{args.runs}: {name} ...", flush=True)
+                out = run_nanogpt(args.nanogpt, data) if name == "nanoGPT" else run_lmforge(name, data, workdir, i)
+                results[name].append(out)
+    rows = [median_row(name, runs) for name, runs in results.items()]
+    base = next((r for r in rows if r["name"] == "nanoGPT"), None) or next(
+        (r for r in rows if r["name"] == "reference"), None)
     for r in rows:
-        r["mfu_vs_measured_matmul_peak"] = r["model_flops_per_second"] / peak
-    ref = next((r for r in rows if r["name"] == "reference"), None)
-    for r in rows:  # like with like: training time (evaluations included) from the first step
-        if ref and r["time_to_target_s"]:
-            r["time_to_target_vs_reference_train_time"] = r["time_to_target_s"] / ref["train_time_s"]
+        if base and r["to_target_s"]:
+            r["to_target_vs_base_wall"] = r["to_target_s"] / base["wall_s"]
 
-    table = [{**r, "MFU %": 100 * r["mfu_vs_measured_matmul_peak"], "peak MB": r["peak_rss_mb"]} for r in rows]
-    print(f"\nmatmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s (fp32, 1024^3); "
-          f"target val loss {TARGET_VAL_LOSS}")
-    print_table(table, ["name", "steps", "ms_per_step", "tokens_per_second", "MFU %", "final_val_loss",
-                        "step_to_target", "time_to_target_s", "train_time_s", "wall_time_s", "peak MB"])
-    if ref and len(rows) > 1:
-        fast = rows[1]
-        if fast["time_to_target_s"]:
-            print(f"\nfast recipe reaches {TARGET_VAL_LOSS} after {fast['time_to_target_s']:.1f} s of training, "
-                  f"{fast['time_to_target_vs_reference_train_time']:.2f} x the reference recipe's training time "
-                  f"({ref['train_time_s']:.1f} s for 2000 steps; goal <= 0.33)")
-        else:
-            print(f"\nfast recipe did not reach {TARGET_VAL_LOSS}")
-    path = write_result("train_shakespeare", {"target_val_loss": TARGET_VAL_LOSS, "matmul_peak_flops": peak,
-                                              "results": rows})
+    print(f"\ntarget val loss {TARGET_VAL_LOSS}; times are whole processes from their start, in seconds; "
+          f"`lmforge --help`: {help_s:.2f} s (median of 5)")
+    print_table(rows, ["name", "steps", "dtype", "tokens_per_second", "first_step_s", "step_to_target",
+                       "to_target_s", "wall_s", "final_val_loss", "to_target_vs_base_wall"])
+    if base:
+        for r in rows:
+            if r is not base and r.get("to_target_vs_base_wall"):
+                print(f"{r['name']}: {TARGET_VAL_LOSS} reached {r['to_target_s']:.1f} s after its start: "
+                      f"{r['to_target_vs_base_wall']:.2f} x {base['name']}'s whole run ({base['wall_s']:.1f} s)")
+    path = write_result("train_shakespeare", {"target_val_loss": TARGET_VAL_LOSS, "help_seconds": help_s,
+                                              "environment": env_note, "results": rows})
     print(f"wrote {path}")
 
 

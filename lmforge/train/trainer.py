@@ -335,6 +335,7 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
     checkpoint_path = resume_from
     stopped_early = False
     step = start_step
+    first_step_time = None
     per_second = f"{objective.unit}_per_second"
     trainable = [p for p in model.parameters() if p.requires_grad]
     while step < tcfg.max_steps:
@@ -353,6 +354,8 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if first_step_time is None:
+            first_step_time = time.time()  # how long start-up took, for whoever launched the process
         bar.update(1)
         steps_since_log += 1
         items_since_log += sum(objective.throughput(b) for b in micro_batches)
@@ -393,6 +396,7 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
             if do_eval:
                 val = run_eval()
                 record.update(val)
+            record["time"] = time.time()  # wall clock when the record (and its evaluation) was done
             if log is not None:
                 log.write(record)
             postfix = {"loss": f"{record['loss']:.4f}", per_second.split("_")[0][:3] + "/s": f"{speed:,.0f}"}
@@ -434,7 +438,7 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
         "mfu": statistics.median(utilisations) if utilisations else None,
         "wall_time": wall_time, "train_seconds": wall_time, "num_params": num_params, "world_size": world.world_size, "strategy": strategy,
         "dtype": hardware.dtype_name(amp_dtype), "stopped_early": stopped_early,
-        "checkpoint": str(checkpoint_path) if checkpoint_path else None,
+        "checkpoint": str(checkpoint_path) if checkpoint_path else None, "first_step_time": first_step_time,
     }
     final = whole_model()
     if log is not None:
