@@ -253,7 +253,7 @@ def test_cli_export_gguf_and_its_errors(tmp_path, tok, capsys):
     lmforge_checkpoint(tmp_path, tok, **STYLES["llama"])
     main(["export", str(tmp_path / "run"), "--format", "gguf", "--dtype", "q8_0"])
     out = capsys.readouterr().out
-    assert (tmp_path / "run-q8_0.gguf").is_file() and "as GGUF llama (q8_0" in out and "llama-cli -m" in out
+    assert (tmp_path / "run-q8_0.gguf").is_file() and "as GGUF llama (q8_0)" in out and "llama-completion -m" in out
     assert "written f16" in out  # ffn_down's rows of 48 values are not whole q8_0 blocks
     for argv, words in (
         (["export", str(tmp_path / "run"), "--format", "gguf", "--dtype", "q8_0"], "already exists"),

@@ -215,8 +215,8 @@ def export_gguf(ckpt_dir: str | Path, out_path: str | Path, dtype: str = "f32", 
     notes = list(src.notes)
     if dtype == "q8_0" and counts.get("F16"):
         notes.append(f"{counts['F16']} matrices have rows that are not whole q8_0 blocks of 32 values: written f16")
-    log(f"export {src.ckpt} -> {out_path} as GGUF {arch_name} ({dtype}; run it with llama.cpp: "
-        f"llama-cli -m {out_path} -p 'Your prompt')")
+    log(f"export {src.ckpt} -> {out_path} as GGUF {arch_name} ({dtype}); run it with llama.cpp: "
+        f"llama-completion -m {out_path} -no-cnv -p 'Your prompt' (older builds: llama-cli)")
     log(f"  {len(tensors)} tensors ({', '.join(f'{n} {k.lower()}' for k, n in sorted(counts.items()))}), "
         f"{out_path.stat().st_size:,} bytes")
     for note in notes:
