@@ -133,10 +133,19 @@ def test_reader_reads_back_every_tensor(tmp_path, tok):
     ours, _, _ = load_model(ckpt)
     for name, t in f32.items():
         assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
-    # a tensor without a layout change reads back bit for bit as lmforge's
-    for name, ours_name in (("token_embd.weight", "tok_emb.weight"), ("blk.1.attn_v.weight", "blocks.1.attn.v_proj.weight"),
-                            ("blk.0.ffn_down.weight", "blocks.0.ffn.down_proj.weight"), ("output_norm.weight", "norm_f.weight")):
-        assert np.array_equal(np.asarray(f32[name].data), ours.state_dict()[ours_name].numpy()), name
+    # tensors without a layout change read back bit for bit as lmforge's
+    state = {k: v.numpy() for k, v in ours.state_dict().items()}
+    for name, ours_name in (("token_embd.weight", "tok_emb.weight"),
+                            ("blk.1.attn_v.weight", "blocks.1.attn.v_proj.weight"),
+                            ("blk.0.ffn_down.weight", "blocks.0.ffn.down_proj.weight"),
+                            ("output_norm.weight", "norm_f.weight"), ("output.weight", "lm_head.weight")):
+        assert np.array_equal(np.asarray(f32[name].data), state[ours_name]), name
+    # query and key rows: llama.cpp rotates adjacent pairs (2i, 2i+1) of a head where lmforge rotates i and i + D/2
+    D = 8
+    for name, ours_name, heads in (("blk.0.attn_q.weight", "blocks.0.attn.q_proj.weight", 4),
+                                   ("blk.1.attn_k.weight", "blocks.1.attn.k_proj.weight", 2)):
+        order = [h * D + i + half * D // 2 for h in range(heads) for i in range(D // 2) for half in (0, 1)]
+        assert np.array_equal(np.asarray(f32[name].data), state[ours_name][order]), name
     for dtype in ("f16", "q8_0"):
         for t in read(tmp_path / f"{dtype}.gguf")[0].tensors:
             exact = np.asarray(f32[t.name].data)

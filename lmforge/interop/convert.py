@@ -378,8 +378,8 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, max_shard_size:
     max_bytes = parse_size(max_shard_size)
     _fresh_out_dir(out_dir)
     src = export_source(ckpt_dir)
-    ckpt, mcfg, tokenizer, arch, hf_state, notes = src.ckpt, src.cfg.model, src.tokenizer, src.arch, src.state, src.notes
-    tok_config, names = src.tok_config, src.names
+    ckpt, mcfg, tokenizer, arch, hf_state = src.ckpt, src.cfg.model, src.tokenizer, src.arch, src.state
+    notes, tok_config, names = src.notes, src.tok_config, src.names
     hf_config = {**arch.config_to_hf(mcfg, src.ids), "dtype": "float32"}
 
     tmp = _temp_dir(out_dir)
