@@ -195,6 +195,39 @@ def test_metadata_and_tokenizer(tmp_path, tok):
         assert auto.decode(ids) == tok.decode(ids)
 
 
+def llama3_tokenizer():
+    """A byte-level BPE split with Llama 3's pattern, as Llama 3's tokenizer.json has it."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmforge.interop.gguf import LLAMA3_SPLIT
+
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator([TEXT * 20], trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return Tokenizer(hf)
+
+
+def test_llama3_pre_tokenizer(tmp_path):
+    """An imported Llama 3 tokenizer splits text with its own pattern (digits in threes, ...): llama.cpp's
+    "llama-bpe", and transformers' tokenizer built from the file encodes as lmforge's."""
+    tok3 = llama3_tokenizer()
+    ckpt = lmforge_checkpoint(tmp_path, tok3, **STYLES["llama"])
+    export_gguf(ckpt, tmp_path / "model.gguf", log=quiet)
+    assert read(tmp_path / "model.gguf")[1]["tokenizer.ggml.pre"] == "llama-bpe"
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
+    # (SAMPLES' last text names GPT-2's <|endoftext|>, which transformers' GGUF tokenizer adds as a new token when
+    # the vocabulary lacks it; this one has <|end_of_text|>)
+    for text in SAMPLES[:-1] + ["<|end_of_text|>after the end", "2345 and 452345: digits in threes", "a\n\n  b\tc"]:
+        ids = auto(text, add_special_tokens=False)["input_ids"]
+        assert ids == tok3.encode(text), text
+        assert auto.decode(ids) == tok3.decode(ids)
+
+
 # ----------------------------------------------------------------------------------------------
 # vocabularies larger than the tokenizer
 
@@ -274,3 +307,33 @@ def test_cli_export_gguf_and_its_errors(tmp_path, tok, capsys):
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+
+
+# ----------------------------------------------------------------------------------------------
+# llama.cpp itself, through its Python binding (llama-cpp-python, built from source: not in the test
+# extra; the test skips without it)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_llama_cpp_runs_the_file_with_lmforge_logits_and_tokens(tmp_path, tok, name):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ckpt = lmforge_checkpoint(tmp_path, tok, **STYLES[name])
+    export_gguf(ckpt, tmp_path / "model.gguf", log=quiet)
+    f32 = 0  # GGML_TYPE_F32: a float32 key/value cache (the default f16 cache would round attention's inputs)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "model.gguf"), n_ctx=64, n_batch=64, n_threads=1,
+                          logits_all=True, type_k=f32, type_v=f32, flash_attn=False, verbose=False)
+    for text in SAMPLES:
+        ids = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        assert ids == tok.encode(text), text
+        assert llm.detokenize(ids, special=True).decode("utf-8") == tok.decode(ids), text
+    ours, _, _ = load_model(ckpt)
+    torch.manual_seed(0)
+    ids = torch.randint(0, tok.vocab_size, (48,))
+    llm.eval(ids.tolist())
+    theirs = torch.from_numpy(np.array(llm.scores[:48]))
+    with torch.no_grad():
+        exact = ours(ids[None])[0]
+    # llama.cpp's GELU reads a float16 table (gpt2), the rest is float32 in its own order of sums
+    bound = {"gpt2": 0.01, "llama": 1e-3}[name]
+    assert (exact - theirs).abs().max().item() <= bound
+    assert torch.equal(exact.argmax(-1), theirs.argmax(-1))

@@ -17,8 +17,9 @@ written with the ``gguf`` package, llama.cpp's own Python library, following the
 * tensor types: vectors (norms, biases) and the position table stay f32, the matrices take
   ``--dtype``; a matrix whose rows are not whole q8_0 blocks (32 values) is written f16;
 * tokenizer: byte-level BPE as llama.cpp's ``gpt2`` tokenizer model (tokens, token types, merges,
-  GPT-2's pre-tokenizer pattern, the special-token ids); ids beyond the tokenizer (a padded
-  vocabulary) are unused ``[PADn]`` tokens, as the converter writes them.
+  the special-token ids) with the pre-tokenizer's split pattern named as llama.cpp knows it: GPT-2's
+  (lmforge's own BPE) or Llama 3's; ids beyond the tokenizer (a padded vocabulary) are unused
+  ``[PADn]`` tokens, as the converter writes them.
 
 What llama.cpp would compute differently is refused with one line naming the setting.
 """
@@ -39,6 +40,9 @@ DTYPES = ("f32", "f16", "q8_0")
 ARCHS = {"learned": "gpt2", "rotary": "llama"}  # lmforge's decoder position encoding -> llama.cpp architecture
 #: GPT-2's Conv1D weights, stored [in, out]; GGUF holds [out, in] like every other matrix
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+#: Llama 3's split pattern (tokenizer.json: Split then ByteLevel without its own pattern): llama.cpp's "llama-bpe"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def _gguf():
@@ -84,13 +88,12 @@ def gguf_tokenizer(ckpt: Path, vocab_size: int) -> dict:
     if model.get("type") == "BPE" and not model.get("merges") and decoder.get("type") != "ByteLevel":
         raise LMForgeError(f"{path} is a character-level tokenizer; GGUF export writes byte-level BPE "
                            "(llama.cpp's gpt2 tokenizer), so train with data.tokenizer=bpe to export as GGUF")
-    byte_level_bpe = (model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-                      and not pre.get("add_prefix_space", False) and decoder.get("type") == "ByteLevel"
-                      and spec.get("normalizer") is None)
-    if not byte_level_bpe:
+    pre_name = _pre_tokenizer(pre)
+    if model.get("type") != "BPE" or pre_name is None or decoder.get("type") != "ByteLevel" or spec.get("normalizer"):
         raise LMForgeError(
-            f"{path} is not GPT-2's byte-level BPE (model {model.get('type')}, pre-tokenizer {pre.get('type')}, "
-            f"normalizer {(spec.get('normalizer') or {}).get('type')}); GGUF export writes that tokenizer only")
+            f"{path} is not a byte-level BPE that llama.cpp splits the same way (model {model.get('type')}, "
+            f"pre-tokenizer {pre.get('type')}, normalizer {(spec.get('normalizer') or {}).get('type')}); GGUF export "
+            "writes GPT-2's and Llama 3's byte-level BPE only")
     by_id = {i: t for t, i in model.get("vocab", {}).items()}
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     by_id.update({i: t["content"] for i, t in added.items()})
@@ -107,7 +110,20 @@ def gguf_tokenizer(ckpt: Path, vocab_size: int) -> dict:
             types.append(gguf.TokenType.NORMAL if i not in added else
                          gguf.TokenType.CONTROL if added[i].get("special") else gguf.TokenType.USER_DEFINED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {"tokens": tokens, "types": types, "merges": merges, "pre": "gpt-2", "n_tokens": len(by_id)}
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre_name, "n_tokens": len(by_id)}
+
+
+def _pre_tokenizer(pre: dict) -> str | None:
+    """llama.cpp's name (tokenizer.ggml.pre) for a tokenizer.json pre-tokenizer it reproduces, else None."""
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
+        return "gpt-2"  # GPT-2's own pattern, built into ByteLevel
+    parts = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
+    if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[0].get("behavior") == "Isolated"
+            and not parts[0].get("invert") and (parts[0].get("pattern") or {}).get("Regex") == LLAMA3_SPLIT
+            and parts[1].get("type") == "ByteLevel" and not parts[1].get("use_regex", True)
+            and not parts[1].get("add_prefix_space", False)):
+        return "llama-bpe"
+    return None
 
 
 # ------------------------------------------------------------------------------------------- tensors
@@ -221,7 +237,7 @@ def export_gguf(ckpt_dir: str | Path, out_path: str | Path, dtype: str = "f32", 
         f"{out_path.stat().st_size:,} bytes")
     for note in notes:
         log(f"  note: {note}")
-    log(f"  tokenizer: byte-level BPE, {tok['n_tokens']} tokens, {len(tok['merges'])} merges"
+    log(f"  tokenizer: byte-level BPE (pre-tokenizer {tok['pre']}), {tok['n_tokens']} tokens, {len(tok['merges'])} merges"
         + (f", {mcfg.vocab_size - tok['n_tokens']} unused padding ids" if mcfg.vocab_size > tok["n_tokens"] else ""))
     return {"architecture": arch_name, "out_path": str(out_path), "dtype": dtype, "tensors": len(tensors),
             "types": counts, "notes": notes}
