@@ -237,7 +237,8 @@ def export_gguf(ckpt_dir: str | Path, out_path: str | Path, dtype: str = "f32", 
         f"{out_path.stat().st_size:,} bytes")
     for note in notes:
         log(f"  note: {note}")
-    log(f"  tokenizer: byte-level BPE (pre-tokenizer {tok['pre']}), {tok['n_tokens']} tokens, {len(tok['merges'])} merges"
+    log(f"  tokenizer: byte-level BPE (pre-tokenizer {tok['pre']}), {tok['n_tokens']} tokens, "
+        f"{len(tok['merges'])} merges"
         + (f", {mcfg.vocab_size - tok['n_tokens']} unused padding ids" if mcfg.vocab_size > tok["n_tokens"] else ""))
     return {"architecture": arch_name, "out_path": str(out_path), "dtype": dtype, "tensors": len(tensors),
             "types": counts, "notes": notes}
