@@ -281,13 +281,21 @@ def test_what_llama_cpp_cannot_run_the_same_is_refused(tmp_path, tok, style, wor
     assert "\n" not in str(e.value) and not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".tmp_*"))
 
 
-def test_encoder_decoder_and_char_tokenizer_are_refused(tmp_path):
+def test_encoder_decoder_and_tokenizers_llama_cpp_splits_otherwise_are_refused(tmp_path):
     with pytest.raises(LMForgeError, match="model.arch=seq2seq cannot be exported as GGUF"):
         check_gguf(ModelConfig(arch="seq2seq", pos_encoding="learned"), "ckpt")
     char_tok = Tokenizer.train([TEXT], kind="char")
     ckpt = lmforge_checkpoint(tmp_path, char_tok, **GPT2_STYLE)
     with pytest.raises(LMForgeError, match="character-level tokenizer; GGUF export writes byte-level BPE.*"
                                            "data.tokenizer=bpe"):
+        export_gguf(ckpt, tmp_path / "model.gguf", log=quiet)
+    # a byte-level BPE that puts a space before the text: llama.cpp's gpt2 tokenizer would split it otherwise
+    from tokenizers import pre_tokenizers
+
+    spaced = llama3_tokenizer()
+    spaced._hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    ckpt = lmforge_checkpoint(tmp_path / "spaced", spaced, **STYLES["llama"])
+    with pytest.raises(LMForgeError, match="not a byte-level BPE that llama.cpp splits the same way .*--format hf"):
         export_gguf(ckpt, tmp_path / "model.gguf", log=quiet)
 
 

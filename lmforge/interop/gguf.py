@@ -93,7 +93,7 @@ def gguf_tokenizer(ckpt: Path, vocab_size: int) -> dict:
         raise LMForgeError(
             f"{path} is not a byte-level BPE that llama.cpp splits the same way (model {model.get('type')}, "
             f"pre-tokenizer {pre.get('type')}, normalizer {(spec.get('normalizer') or {}).get('type')}); GGUF export "
-            "writes GPT-2's and Llama 3's byte-level BPE only")
+            "writes GPT-2's and Llama 3's byte-level BPE only: export this model with --format hf")
     by_id = {i: t for t, i in model.get("vocab", {}).items()}
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     by_id.update({i: t["content"] for i, t in added.items()})
