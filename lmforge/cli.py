@@ -294,17 +294,26 @@ COMMANDS: tuple[Command, ...] = (
                     help="leave out tensors whose names start with PREFIX (e.g. cls. for BERT's pre-training "
                          "heads); repeatable. Without it every tensor must find its place"),
             )),
-    Command("export", "write an lmforge checkpoint in the Hugging Face format",
+    Command("export", "write an lmforge checkpoint in the Hugging Face format, or as a GGUF file for llama.cpp",
             "Write config.json, model.safetensors (sharded past --max-shard-size, with "
             "model.safetensors.index.json) and the tokenizer files, so that transformers' Auto classes load the "
             "model and give the same outputs. GPT-2-style models export as gpt2, Llama-style as llama, encoders "
-            "as bert, Marian-style encoder-decoders as marian; other settings are refused.",
+            "as bert, Marian-style encoder-decoders as marian; other settings are refused. With --format gguf, "
+            "write one .gguf file (weights in --dtype, byte-level BPE tokenizer) that llama.cpp runs: "
+            "llama-cli -m OUT.gguf -p PROMPT; GPT-2- and Llama-style decoders only.",
             c.cmd_export, (
                 checkpoint(what="lmforge run directory or checkpoint directory"),
-                arg("out_dir", nargs="?", default=None,
-                    help="new output directory, which must not exist or be empty (default: CHECKPOINT-hf)"),
-                arg("--max-shard-size", default="5GB",
-                    help="largest safetensors file before the weights are split into shards (default: 5GB)"),
+                arg("out_dir", nargs="?", default=None, metavar="OUT",
+                    help="new output directory, which must not exist or be empty (default: CHECKPOINT-hf); with "
+                         "--format gguf a new file (default: CHECKPOINT-DTYPE.gguf)"),
+                arg("--format", default="hf", choices=("hf", "gguf"),
+                    help="hf: a Hugging Face checkpoint directory; gguf: one GGUF file for llama.cpp (default: hf)"),
+                arg("--dtype", default=None, choices=("f32", "f16", "q8_0"),
+                    help="--format gguf: type of the weight matrices; norms, biases and positions stay f32 "
+                         "(default: f32)"),
+                arg("--max-shard-size", default=None,
+                    help="--format hf: largest safetensors file before the weights are split into shards "
+                         "(default: 5GB)"),
             )),
 )
 

@@ -224,9 +224,22 @@ def cmd_import(args: argparse.Namespace, overrides: list[str]) -> None:
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.interop import export_checkpoint
+    from lmforge.interop.convert import DEFAULT_SHARD_SIZE
 
-    out_dir = args.out_dir or f"{str(args.checkpoint).rstrip('/')}-hf"
-    export_checkpoint(args.checkpoint, out_dir, max_shard_size=args.max_shard_size)
+    base = str(args.checkpoint).rstrip("/")
+    if args.format == "gguf":
+        from lmforge.interop.gguf import export_gguf
+
+        if args.max_shard_size is not None:
+            raise LMForgeError("--max-shard-size applies to --format hf; a GGUF file is always one file")
+        dtype = args.dtype or "f32"
+        export_gguf(args.checkpoint, args.out_dir or f"{base}-{dtype}.gguf", dtype=dtype)
+        return
+    if args.dtype is not None:
+        raise LMForgeError("--dtype applies to --format gguf; the Hugging Face export writes float32 weights "
+                           "(add --format gguf, or leave out --dtype)")
+    export_checkpoint(args.checkpoint, args.out_dir or f"{base}-hf",
+                      max_shard_size=args.max_shard_size or DEFAULT_SHARD_SIZE)
 
 
 # ---------------------------------------------------------------------------------------- tasks

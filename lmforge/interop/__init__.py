@@ -5,7 +5,8 @@ Mapped architectures: GPT-2 and Llama (decoders, ``DecoderLM``), BERT (encoder,
 every setting is mapped exactly or refused with a message naming it; tests/test_interop.py
 checks logits and greedy continuations against transformers. A model vocabulary larger than the
 tokenizer (a padded embedding) is kept as it is, and never generated beyond the tokenizer (see
-:mod:`lmforge.interop.convert`).
+:mod:`lmforge.interop.convert`). ``lmforge export --format gguf`` writes GPT-2- and Llama-shaped
+decoders as one GGUF file for llama.cpp (:mod:`lmforge.interop.gguf`).
 """
 
 from lmforge.interop.architectures import ARCHITECTURES

@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import yaml
@@ -327,15 +327,27 @@ def _load_checkpoint(ckpt: Path) -> tuple[torch.nn.Module, Config, object, dict]
                                                                     "decoder_start": ids.bos}
 
 
-def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, max_shard_size: str | int = DEFAULT_SHARD_SIZE,
-                      log: Log = print) -> dict:
-    """Write the lmforge checkpoint ``ckpt_dir`` (or a run directory's latest) as a Hugging Face checkpoint."""
-    from lmforge.train.checkpoint import TOKENIZER, latest_checkpoint
+class ExportSource(NamedTuple):
+    """A checkpoint read for export: its weights under Hugging Face names and layouts, and what describes them."""
+    ckpt: Path
+    cfg: Config
+    tokenizer: object
+    arch: Architecture
+    state: dict[str, torch.Tensor]  # Hugging Face names, float32 on the CPU, padding rows cut
+    notes: list[str]
+    ids: dict  # bos / eos / pad (and decoder_start for an encoder-decoder) token ids
+    names: dict  # special-token names for tokenizer_config.json
+    tok_config: dict | None  # the imported model's own tokenizer_config.json
 
-    out_dir = Path(out_dir)
-    max_bytes = parse_size(max_shard_size)
-    _fresh_out_dir(out_dir)
+
+def export_source(ckpt_dir: str | Path, check: Callable[[ModelConfig, str], None] | None = None) -> ExportSource:
+    """Read the checkpoint ``ckpt_dir`` (or a run directory's latest) for export. ``check(model config,
+    where)`` refuses what the target format cannot express before the Hugging Face mapping is chosen."""
+    from lmforge.train.checkpoint import latest_checkpoint, read_config
+
     ckpt = latest_checkpoint(ckpt_dir)
+    if check is not None:
+        check(read_config(ckpt).model, str(ckpt))
     model, cfg, tokenizer, task_ids = _load_checkpoint(ckpt)
     mcfg = cfg.model
     arch = architecture_for(mcfg, str(ckpt))
@@ -346,7 +358,7 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, max_shard_size:
                      f"(pad_vocab_multiple={mcfg.pad_vocab_multiple}, never produced) are left out: vocab {mcfg.vocab_size}")
     if tokenizer.vocab_size < mcfg.vocab_size:
         notes.append(f"the model's vocabulary ({mcfg.vocab_size}) is larger than its tokenizer ({tokenizer.vocab_size} "
-                     f"tokens): the extra rows are written back as they are (config.json vocab_size {mcfg.vocab_size})")
+                     f"tokens): the extra rows are written back as they are (vocab_size {mcfg.vocab_size})")
     tok_config = read_json_file(ckpt / "tokenizer_config.json", "tokenizer setting") \
         if (ckpt / "tokenizer_config.json").is_file() else None
     ids, names = _token_ids(tokenizer, tok_config, mcfg.arch == "decoder")
@@ -354,7 +366,21 @@ def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, max_shard_size:
         ids = {**ids, **task_ids}
         names.setdefault("eos_token", tokenizer.id_to_token(task_ids["eos"]))
         names.setdefault("pad_token", tokenizer.id_to_token(task_ids["pad"]))
-    hf_config = {**arch.config_to_hf(mcfg, ids), "dtype": "float32"}
+    return ExportSource(ckpt, cfg, tokenizer, arch, hf_state, notes, ids, names, tok_config)
+
+
+def export_checkpoint(ckpt_dir: str | Path, out_dir: str | Path, max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+                      log: Log = print) -> dict:
+    """Write the lmforge checkpoint ``ckpt_dir`` (or a run directory's latest) as a Hugging Face checkpoint."""
+    from lmforge.train.checkpoint import TOKENIZER
+
+    out_dir = Path(out_dir)
+    max_bytes = parse_size(max_shard_size)
+    _fresh_out_dir(out_dir)
+    src = export_source(ckpt_dir)
+    ckpt, mcfg, tokenizer, arch, hf_state = src.ckpt, src.cfg.model, src.tokenizer, src.arch, src.state
+    notes, tok_config, names = src.notes, src.tok_config, src.names
+    hf_config = {**arch.config_to_hf(mcfg, src.ids), "dtype": "float32"}
 
     tmp = _temp_dir(out_dir)
     try:
