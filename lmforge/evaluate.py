@@ -27,13 +27,15 @@ class ArrayDataset:
         return self.tokens[start:start + length]
 
 
-def text_dataset(path: str | Path, tokenizer) -> ArrayDataset:
-    """Tokenize one UTF-8 file (or any corpus spec that ``iter_documents`` reads) for evaluation."""
-    from lmforge.data.sources import iter_documents
+def text_dataset(path: str | Path, tokenizer, convert: str | None = None) -> ArrayDataset:
+    """Tokenize one UTF-8 file (or any corpus spec that ``iter_documents`` reads) for evaluation,
+    converted as the training text was (``data.convert``)."""
+    from lmforge.data.sources import converter, iter_documents
 
+    conversion = converter(convert) or (lambda text: text)
     ids: list[int] = []
     for _, text in iter_documents([str(path)]):
-        ids.extend(tokenizer.encode(text))
+        ids.extend(tokenizer.encode(conversion(text)))
         if tokenizer.eot_id is not None:
             ids.append(tokenizer.eot_id)
     return ArrayDataset(np.array(ids, dtype=np.int64))
@@ -49,7 +51,7 @@ def evaluate_checkpoint(model, cfg, tokenizer, text_file: str | None = None, spl
                            "language model's next-token loss, so give a decoder checkpoint")
     block = cfg.model.block_size
     if text_file is not None:
-        dataset = text_dataset(text_file, tokenizer)
+        dataset = text_dataset(text_file, tokenizer, cfg.data.convert)
         source = str(text_file)
     else:
         data_dir = Path(cfg.data.data_dir)
