@@ -164,8 +164,8 @@ def generate(
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
     Returns the new tokens only, one list per prompt; a row stops at ``eot_id`` (which is not
-    included). ``on_token(row, token_id)`` is called for each token as it is produced (streaming); when it
-returns True the row is finished after that token (a stop string or line limit reached in its text).
+    included). ``on_token(row, token_id)`` is called for each token as it is produced (streaming);
+    when it returns True the row is finished after that token (its text reached a stop string).
     ``greedy`` or ``temperature=0`` takes the most likely token; otherwise tokens are drawn from
     softmax(logits / temperature) limited to the ``top_k`` most likely and to the ``top_p``
     probability mass. ``repetition_penalty`` > 1 discourages tokens already in the prompt or output.
