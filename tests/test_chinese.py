@@ -117,6 +117,10 @@ def test_convert_t2s_with_opencc(tmp_path):
     assert tok.decode(ids.tolist()).split("<|endoftext|>") == expected + [""]
     assert expected[0] == SIMPLIFIED
     assert tok.token_to_id("舉") is None and tok.token_to_id("举") is not None
+    from lmforge.evaluate import text_dataset  # `lmforge eval --file` converts its text the same way
+
+    converted = text_dataset(tmp_path / "p.jsonl", tok, "t2s").tokens.tolist()
+    assert converted == tok.encode(expected[0]) + [tok.eot_id] + tok.encode(expected[1]) + [tok.eot_id]
 
 
 def test_convert_errors_are_one_line(tmp_path, monkeypatch):
