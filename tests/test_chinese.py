@@ -123,15 +123,21 @@ def test_convert_t2s_with_opencc(tmp_path):
     assert converted == tok.encode(expected[0]) + [tok.eot_id] + tok.encode(expected[1]) + [tok.eot_id]
 
 
-def test_convert_errors_are_one_line(tmp_path, monkeypatch):
+def test_convert_without_opencc_names_the_extra(monkeypatch):
     from lmforge.data.sources import converter
 
-    if pytest.importorskip("opencc"):
-        with pytest.raises(LMForgeError, match="not an OpenCC configuration"):
-            converter("x2y")
     monkeypatch.setitem(sys.modules, "opencc", None)  # as if not installed
     with pytest.raises(LMForgeError, match=r"pip install 'lmforge\[zh\]'"):
         converter("t2s")
+    assert converter(None) is None and converter("") is None  # no conversion needs no package
+
+
+def test_convert_unknown_configuration():
+    pytest.importorskip("opencc")
+    from lmforge.data.sources import converter
+
+    with pytest.raises(LMForgeError, match="not an OpenCC configuration"):
+        converter("x2y")
 
 
 def test_recipe_without_the_data_fails_with_one_line(tmp_path):
