@@ -89,6 +89,7 @@ def _unescape(text: str) -> str:
 def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
     import torch
 
+    from lmforge.data.sources import converter
     from lmforge.generate import generate_text
     from lmforge.train.checkpoint import load_model
 
@@ -101,7 +102,8 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
         raise LMForgeError(f"{args.checkpoint} is a {task} checkpoint; use `lmforge {command}` with it")
     model, cfg, tokenizer = load_model(args.checkpoint, device=args.device)
     model = _cast_for_decoding(model, args.dtype)
-    prompts = _read_prompts(args) * args.num_samples
+    convert = converter(cfg.data.convert)  # prompts in the script the model was trained on
+    prompts = [convert(p) if convert else p for p in _read_prompts(args)] * args.num_samples
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     stream = None
     shown = []  # the prompt goes out with the first token: a bad argument is reported before anything
@@ -115,7 +117,7 @@ def cmd_generate(args: argparse.Namespace, overrides: list[str]) -> None:
     outputs = generate_text(
         model, tokenizer, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, greedy=args.greedy,
-        generator=generator, stream=stream,
+        generator=generator, stream=stream, stop=[_unescape(x) for x in args.stop], max_lines=args.max_lines,
     )
     if stream is not None:
         sys.stdout.write(("" if shown else prompts[0]) + "\n")

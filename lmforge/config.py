@@ -188,6 +188,15 @@ class DataConfig:
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>"])
     #: share of the text (by position, at the end) kept for validation
     val_fraction: float = 0.1
+    #: validation text from its own files, folders or globs; when given, all of corpus is training text and
+    #: val_fraction is not used
+    val_corpus: list[str] = field(default_factory=list)
+    #: char tokenizer: keep only characters seen at least this many times in the training text; rarer ones
+    #: are written as their UTF-8 bytes (needs byte_fallback), which shrinks a large alphabet's embedding
+    min_char_count: int = 1
+    #: convert every text before tokenizing with an OpenCC configuration, e.g. t2s (traditional to simplified
+    #: Chinese), s2t, t2tw, s2hk; needs `pip install 'lmforge[zh]'`; null = no conversion
+    convert: str | None = None
     #: directory for tokenizer.json, the token shards and meta.json
     data_dir: str = "data/shakespeare-char"
     #: tokens per shard file
@@ -197,6 +206,13 @@ class DataConfig:
         _check_choice("data.tokenizer", self.tokenizer, ("char", "bpe"))
         if isinstance(self.corpus, str):
             self.corpus = [self.corpus]
+        if isinstance(self.val_corpus, str):
+            self.val_corpus = [self.val_corpus]
+        if self.min_char_count < 1:
+            raise LMForgeError(f"data.min_char_count must be at least 1, got {self.min_char_count}")
+        if self.min_char_count > 1 and not (self.tokenizer == "char" and self.byte_fallback):
+            raise LMForgeError("data.min_char_count applies to tokenizer=char with byte_fallback=true (rarer characters "
+                               "become bytes); set those, or leave min_char_count at 1")
         if not 0.0 < self.val_fraction < 1.0:
             raise LMForgeError(f"data.val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.tokenizer == "bpe" and self.vocab_size < 256 + len(self.special_tokens):

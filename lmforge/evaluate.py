@@ -38,17 +38,19 @@ class ArrayDataset:
         return self.tokens[start:start + length]
 
 
-def text_dataset(path: str | Path, tokenizer) -> ArrayDataset:
+def text_dataset(path: str | Path, tokenizer, convert: str | None = None) -> ArrayDataset:
     """Tokenize one UTF-8 file (or any corpus spec that ``iter_pieces`` reads) for evaluation: each
-    document preceded by the end-of-text token (when the tokenizer has one)."""
-    from lmforge.data.sources import iter_pieces
+    document preceded by the end-of-text token (when the tokenizer has one), converted as the
+    training text was (``data.convert``)."""
+    from lmforge.data.sources import converter, iter_pieces
 
+    conversion = converter(convert) or (lambda text: text)
     ids: list[int] = []
     starts_document = True
     for _, text, last in iter_pieces([str(path)]):
         if starts_document and tokenizer.eot_id is not None:
             ids.append(tokenizer.eot_id)
-        ids.extend(tokenizer.encode(text))
+        ids.extend(tokenizer.encode(conversion(text)))
         starts_document = last
     return ArrayDataset(np.array(ids, dtype=np.int64))
 
@@ -63,7 +65,7 @@ def evaluate_checkpoint(model, cfg, tokenizer, text_file: str | None = None, spl
                            "language model's next-token loss, so give a decoder checkpoint")
     block = cfg.model.block_size
     if text_file is not None:
-        dataset = text_dataset(text_file, tokenizer)
+        dataset = text_dataset(text_file, tokenizer, cfg.data.convert)
         source = str(text_file)
     else:
         data_dir = Path(cfg.data.data_dir)

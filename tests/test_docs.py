@@ -1,17 +1,20 @@
-"""docs/theory.md points at code by name: every such reference must resolve."""
+"""docs/theory.md and the Chinese tutorial point at code by name: every such reference must resolve."""
 
 import importlib
 import re
 from pathlib import Path
 
+import pytest
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 REF = re.compile(r"(lmforge/[\w/]+)\.py: ?`?([A-Za-z_][\w.]*)")
 
 
-def test_theory_references_resolve():
-    text = (DOCS / "theory.md").read_text(encoding="utf-8")
+@pytest.mark.parametrize("doc,least", [("theory.md", 15), ("tutorial-chinese.md", 4)])
+def test_references_resolve(doc, least):
+    text = (DOCS / doc).read_text(encoding="utf-8")
     refs = set(REF.findall(text))
-    assert len(refs) >= 15, "theory.md should point at the functions that compute each formula"
+    assert len(refs) >= least, f"{doc} should point at the functions that compute each formula"
     missing = []
     for path, name in sorted(refs):
         obj = importlib.import_module(path.replace("/", "."))

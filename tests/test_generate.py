@@ -215,3 +215,50 @@ def test_generate_text_encodes_streams_and_decodes():
     ids = generate(model, [tok.encode("hello"), [tok.eot_id]], max_new_tokens=12, greedy=True, eot_id=tok.eot_id)
     assert texts == [tok.decode(i) for i in ids]
     assert ["".join(pieces[0]), "".join(pieces[1])] == texts
+
+
+def _cut_reference(text, stops, max_lines):
+    """Where the text ends, found independently of lmforge.generate.stops."""
+    ends = [text.find(s) for s in stops if s in text]
+    if max_lines is not None and text.count("\n") >= max_lines:
+        ends.append(len("\n".join(text.split("\n")[:max_lines])))
+    return text[:min(ends)] if ends else text
+
+
+@pytest.mark.parametrize("stops,max_lines", [(["\n\n"], None), (["ba", "\n\n"], None), ([], 1), ([], 3),
+                                             (["aaa"], 2)])
+def test_stop_strings_and_max_lines_end_the_text(stops, max_lines):
+    from lmforge.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["ab\n"], "char", special_tokens=(), byte_fallback=False)
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=1, n_head=2, d_model=16,
+                                  init_std=0.3)).eval()
+
+    def run(**kw):
+        return generate_text(model, tok, ["a"], max_new_tokens=80, temperature=1.0,
+                             generator=torch.Generator().manual_seed(3), **kw)[0]
+
+    full = run()
+    assert full.count("\n") >= 4 and "\n\n" in full and "ba" in full  # the cases below all cut something
+    expected = _cut_reference(full, stops, max_lines)
+    assert len(expected) < len(full)
+    pieces = []
+    assert run(stop=stops, max_lines=max_lines, stream=lambda row, text: pieces.append(text)) == expected
+    assert "".join(pieces) == expected  # streamed, a stop string is never shown in part
+    assert run(stop=stops, max_lines=max_lines) == expected
+
+
+def test_on_token_returning_true_finishes_the_row():
+    model = make_model()
+    full = generate(model, [[1, 2], [3]], max_new_tokens=10, greedy=True)
+    calls = []
+
+    def on_token(row, token):
+        calls.append(row)
+        return row == 0 and calls.count(0) == 4  # row 0 ends after its 4th token
+
+    out = generate(model, [[1, 2], [3]], max_new_tokens=10, greedy=True, on_token=on_token)
+    assert out == [full[0][:4], full[1]]
+    with pytest.raises(LMForgeError, match="max_lines"):
+        generate_text(model, CharTokenizer(), ["ab"], max_new_tokens=3, max_lines=0)

