@@ -120,7 +120,7 @@ def test_convert_t2s_with_opencc(tmp_path):
     from lmforge.evaluate import text_dataset  # `lmforge eval --file` converts its text the same way
 
     converted = text_dataset(tmp_path / "p.jsonl", tok, "t2s").tokens.tolist()
-    assert converted == tok.encode(expected[0]) + [tok.eot_id] + tok.encode(expected[1]) + [tok.eot_id]
+    assert converted == [tok.eot_id] + tok.encode(expected[0]) + [tok.eot_id] + tok.encode(expected[1])
 
 
 def test_convert_without_opencc_names_the_extra(monkeypatch):
