@@ -10,6 +10,9 @@ Both kinds are Hugging Face ``tokenizers`` pipelines, so the saved file loads un
   ``byte_fallback`` the 256 tokens ``<0x00>`` ... ``<0xFF>`` are added (as Llama does), so a
   character never seen in training is encoded as its UTF-8 bytes and still round-trips.
 
+Byte-level BPE is encoded by ``tiktoken`` running the same merges when it is installed and its ids are
+provably the same (:mod:`lmforge.fast_bpe`), several times faster; else by ``tokenizers``.
+
 Vocabulary order: special tokens first (so the end-of-text token is id 0 when there is one),
 then the byte tokens (char with byte_fallback), then the characters in code point order. With
 no special tokens and no byte fallback the ids are exactly nanoGPT's ``sorted(set(text))``.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +57,7 @@ class Tokenizer:
         self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
         self.eot_id: int | None = hf.token_to_id(self.special_tokens[0]) if self.special_tokens else None
         self._char_table = self._build_char_table() if is_char else None
+        self._fast_bpe: object = None if is_char else _UNCHECKED  # see _fast_encoder
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -160,11 +165,14 @@ class Tokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts; the Rust side spreads them over all cores."""
+        """Encode many texts, spread over all cores."""
         return [ids.tolist() for ids in self.encode_arrays(texts)]
 
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
         """Like :meth:`encode_batch` but returns int64 numpy arrays (no Python int per token)."""
+        fast = self._fast_encoder()
+        if fast is not None:
+            return self._encode_fast_bpe(fast, texts)
         out: list[np.ndarray | None] = [None] * len(texts)
         slow: list[int] = []
         for i, text in enumerate(texts):
@@ -205,6 +213,28 @@ class Tokenizer:
         return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, "
                 f"special_tokens={self.special_tokens}, byte_fallback={self.byte_fallback})")
 
+    # ------------------------------------------------------------------ byte-level BPE fast path
+    def _fast_encoder(self):
+        """tiktoken running this tokenizer's merges, when its ids are provably the same (see
+        :mod:`lmforge.fast_bpe`); None otherwise. Checked once, on the first encode."""
+        if self._fast_bpe is _UNCHECKED:
+            from lmforge.fast_bpe import byte_level_encoder
+
+            self._fast_bpe = byte_level_encoder(self._hf)
+        return self._fast_bpe
+
+    @staticmethod
+    def _encode_fast_bpe(encoder, texts: list[str]) -> list[np.ndarray]:
+        """Encode with tiktoken, one text per thread (it releases the GIL), straight into numpy."""
+        def one(text: str) -> np.ndarray:
+            return encoder.encode_to_numpy(text, allowed_special="all").astype(np.int64)
+
+        threads = min(len(texts), _cores())
+        if threads <= 1:
+            return [one(text) for text in texts]
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(one, texts))
+
     # ------------------------------------------------------------------ char fast path
     def _build_char_table(self) -> np.ndarray:
         """Code point -> id lookup for single-character tokens; -1 marks characters not in the vocabulary."""
@@ -240,6 +270,17 @@ class Tokenizer:
             shown = "".join(unknown[:10])
             raise LMForgeError(f"text holds {len(unknown)} character(s) missing from the char vocabulary "
                                f"({shown!r}); retrain the tokenizer with byte_fallback=true or on this text")
+
+
+_UNCHECKED = object()  # the fast byte-level encoder has not been looked for yet
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class StreamDecoder:
