@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +174,7 @@ class Tokenizer:
         """Like :meth:`encode_batch` but returns int64 numpy arrays (no Python int per token)."""
         fast = self._fast_encoder()
         if fast is not None:
-            return self._encode_fast_bpe(fast, texts)
+            return list(self._encode_fast_bpe(fast, texts, ahead=len(texts)))
         out: list[np.ndarray | None] = [None] * len(texts)
         slow: list[int] = []
         for i, text in enumerate(texts):
@@ -191,6 +193,20 @@ class Tokenizer:
                     self._check_known_chars(texts[i])
                 out[i] = ids
         return out  # type: ignore[return-value]
+
+    def encode_stream(self, texts: Iterable[str], ahead: int = 8) -> Iterator[np.ndarray]:
+        """Encode texts one after another (as :meth:`encode_arrays`), yielding each in order.
+
+        At most ``ahead`` texts are read before their ids are taken, so memory stays bounded
+        for any number of texts, while all cores keep encoding.
+        """
+        fast = self._fast_encoder()
+        if fast is not None:
+            yield from self._encode_fast_bpe(fast, texts, ahead)
+            return
+        texts = iter(texts)
+        while batch := list(islice(texts, ahead)):
+            yield from self.encode_arrays(batch)
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
@@ -224,16 +240,24 @@ class Tokenizer:
         return self._fast_bpe
 
     @staticmethod
-    def _encode_fast_bpe(encoder, texts: list[str]) -> list[np.ndarray]:
-        """Encode with tiktoken, one text per thread (it releases the GIL), straight into numpy."""
+    def _encode_fast_bpe(encoder, texts: Iterable[str], ahead: int) -> Iterator[np.ndarray]:
+        """Encode with tiktoken straight into numpy, one text per thread (it releases the GIL); a
+        text's ids are yielded as soon as it and those before it are done, so no core waits for a batch."""
         def one(text: str) -> np.ndarray:
             return encoder.encode_to_numpy(text, allowed_special="all").astype(np.int64)
 
-        threads = min(len(texts), _cores())
-        if threads <= 1:
-            return [one(text) for text in texts]
+        threads = _cores()
+        if threads <= 1 or ahead <= 1:
+            yield from map(one, texts)
+            return
         with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(one, texts))
+            pending: deque = deque()
+            for text in texts:
+                pending.append(pool.submit(one, text))
+                if len(pending) >= max(ahead, threads):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     # ------------------------------------------------------------------ char fast path
     def _build_char_table(self) -> np.ndarray:
