@@ -49,21 +49,25 @@ from lmforge.data.sources import iter_pieces  # noqa: E402
 from lmforge.tokenizer import Tokenizer  # noqa: E402
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
+def timed(fn) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (all threads of this process) of one call."""
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
-def median_times(fns: dict, runs: int) -> dict:
-    """Median seconds of each function, their runs interleaved (a busy machine slows all alike)."""
+def median_times(fns: dict, runs: int) -> tuple[dict, dict]:
+    """Median wall and CPU seconds of each function, their runs interleaved (a busy machine slows
+    all alike). CPU seconds hardly depend on what else runs: MB per CPU-second times the cores is
+    what a quiet machine reaches when every core encodes."""
     for fn in fns.values():
         fn()  # warm-up: caches, thread pools, first-touch page faults
     times: dict = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
             times[name].append(timed(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return ({name: statistics.median(w for w, _ in t) for name, t in times.items()},
+            {name: statistics.median(c for _, c in t) for name, t in times.items()})
 
 
 def without_fast_bpe():
@@ -92,7 +96,7 @@ def bench_kind(kind: str, corpus: list[str], vocab_size: int, runs: int, workdir
         fns[(way, "encode")] = lambda call=call: call(lambda: sum(1 for _ in tokenizer.encode_stream(pieces)))
     if kind == "bpe":
         fns[(kind, "train")] = lambda: Tokenizer.train(pieces, "bpe", vocab_size=vocab_size)
-    seconds = median_times(fns, runs)
+    seconds, cpu_seconds = median_times(fns, runs)
     mb = meta["bytes"] / 1e6
     tokens = meta["train"]["tokens"] + meta["val"]["tokens"]
     rows = []
@@ -103,6 +107,7 @@ def bench_kind(kind: str, corpus: list[str], vocab_size: int, runs: int, workdir
             if (way, what) in seconds:
                 row[f"{what}_s"] = round(seconds[(way, what)], 3)
                 row[f"{what}_MB_s"] = round(mb / seconds[(way, what)], 2)
+                row[f"{what}_MB_per_cpu_s"] = round(mb / cpu_seconds[(way, what)], 2)
         rows.append(row)
     if kind == "bpe":
         for what in ("prepare_warm", "encode"):
@@ -164,7 +169,8 @@ def main() -> None:
                 bench_kind("bpe", args.corpus, args.vocab_size, 1, Path(tmp))
             rows.append(bench_synthetic(args.synthetic_gb, args.corpus, Path(tmp) / "bpe", Path(tmp)))
     print_table(rows, ["tokenizer", "vocab_size", "MB", "tokens", "prepare_cold_MB_s", "prepare_warm_MB_s",
-                       "encode_MB_s", "train_s", "prepare_warm_speedup", "encode_speedup", "peak_rss_MB"])
+                       "encode_MB_s", "prepare_warm_MB_per_cpu_s", "train_s",
+                       "prepare_warm_speedup", "encode_speedup", "peak_rss_MB"])
     path = write_result("tokenize", {"corpus": args.corpus, "runs": args.runs,
                                      "statistic": "median after 1 warm-up, runs interleaved", "results": rows})
     print(f"wrote {path}")
