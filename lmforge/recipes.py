@@ -13,8 +13,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmforge.config import PRESETS, SECTIONS, Config, ModelConfig
 from lmforge.errors import LMForgeError
 
@@ -44,6 +42,8 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         raise LMForgeError(errors[0] if errors else f"{name}: invalid value {value!r}")
     if origin is list:
         if isinstance(value, str):
+            import yaml  # imported where YAML is read: `lmforge --help` needs only the field table
+
             parsed = yaml.safe_load(value) if value.startswith("[") else [v for v in value.split(",") if v]
             value = parsed
         if not isinstance(value, list):
@@ -142,6 +142,8 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None,
     if base:
         raw = {k: dict(v) for k, v in base.items()}
     if recipe:
+        import yaml
+
         path = resolve_recipe(recipe)
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

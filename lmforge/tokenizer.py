@@ -10,6 +10,9 @@ Both kinds are Hugging Face ``tokenizers`` pipelines, so the saved file loads un
   ``byte_fallback`` the 256 tokens ``<0x00>`` ... ``<0xFF>`` are added (as Llama does), so a
   character never seen in training is encoded as its UTF-8 bytes and still round-trips.
 
+Byte-level BPE is encoded by ``tiktoken`` running the same merges when it is installed and its ids are
+provably the same (:mod:`lmforge.fast_bpe`), several times faster; else by ``tokenizers``.
+
 Vocabulary order: special tokens first (so the end-of-text token is id 0 when there is one),
 then the byte tokens (char with byte_fallback), then the characters in code point order. With
 no special tokens and no byte fallback the ids are exactly nanoGPT's ``sorted(set(text))``.
@@ -19,7 +22,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +59,7 @@ class Tokenizer:
         self.vocab_size: int = hf.get_vocab_size(with_added_tokens=True)
         self.eot_id: int | None = hf.token_to_id(self.special_tokens[0]) if self.special_tokens else None
         self._char_table = self._build_char_table() if is_char else None
+        self._fast_bpe: object = None if is_char else _UNCHECKED  # see _fast_encoder
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -160,11 +167,14 @@ class Tokenizer:
         return self.encode_batch([text])[0]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Encode many texts; the Rust side spreads them over all cores."""
+        """Encode many texts, spread over all cores."""
         return [ids.tolist() for ids in self.encode_arrays(texts)]
 
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
         """Like :meth:`encode_batch` but returns int64 numpy arrays (no Python int per token)."""
+        fast = self._fast_encoder()
+        if fast is not None:
+            return list(self._encode_fast_bpe(fast, texts, ahead=len(texts)))
         out: list[np.ndarray | None] = [None] * len(texts)
         slow: list[int] = []
         for i, text in enumerate(texts):
@@ -183,6 +193,20 @@ class Tokenizer:
                     self._check_known_chars(texts[i])
                 out[i] = ids
         return out  # type: ignore[return-value]
+
+    def encode_stream(self, texts: Iterable[str], ahead: int = 8) -> Iterator[np.ndarray]:
+        """Encode texts one after another (as :meth:`encode_arrays`), yielding each in order.
+
+        At most ``ahead`` texts are read before their ids are taken, so memory stays bounded
+        for any number of texts, while all cores keep encoding.
+        """
+        fast = self._fast_encoder()
+        if fast is not None:
+            yield from self._encode_fast_bpe(fast, texts, ahead)
+            return
+        texts = iter(texts)
+        while batch := list(islice(texts, ahead)):
+            yield from self.encode_arrays(batch)
 
     def decode(self, ids: Sequence[int]) -> str:
         ids = [int(i) for i in ids]
@@ -209,6 +233,36 @@ class Tokenizer:
     def __repr__(self) -> str:
         return (f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, "
                 f"special_tokens={self.special_tokens}, byte_fallback={self.byte_fallback})")
+
+    # ------------------------------------------------------------------ byte-level BPE fast path
+    def _fast_encoder(self):
+        """tiktoken running this tokenizer's merges, when its ids are provably the same (see
+        :mod:`lmforge.fast_bpe`); None otherwise. Checked once, on the first encode."""
+        if self._fast_bpe is _UNCHECKED:
+            from lmforge.fast_bpe import byte_level_encoder
+
+            self._fast_bpe = byte_level_encoder(self._hf)
+        return self._fast_bpe
+
+    @staticmethod
+    def _encode_fast_bpe(encoder, texts: Iterable[str], ahead: int) -> Iterator[np.ndarray]:
+        """Encode with tiktoken straight into numpy, one text per thread (it releases the GIL); a
+        text's ids are yielded as soon as it and those before it are done, so no core waits for a batch."""
+        def one(text: str) -> np.ndarray:
+            return encoder.encode_to_numpy(text, allowed_special="all").astype(np.int64)
+
+        threads = _cores()
+        if threads <= 1 or ahead <= 1:
+            yield from map(one, texts)
+            return
+        with ThreadPoolExecutor(threads) as pool:
+            pending: deque = deque()
+            for text in texts:
+                pending.append(pool.submit(one, text))
+                if len(pending) >= max(ahead, threads):
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
 
     # ------------------------------------------------------------------ char fast path
     def _build_char_table(self) -> np.ndarray:
@@ -245,6 +299,17 @@ class Tokenizer:
             shown = "".join(unknown[:10])
             raise LMForgeError(f"text holds {len(unknown)} character(s) missing from the char vocabulary "
                                f"({shown!r}); retrain the tokenizer with byte_fallback=true or on this text")
+
+
+_UNCHECKED = object()  # the fast byte-level encoder has not been looked for yet
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class StreamDecoder:

@@ -75,6 +75,22 @@ def test_help_everywhere(tmp_path):
     assert "train.lr" in lmforge("train", "--help", cwd=tmp_path).stdout
 
 
+
+HEAVY = ("torch", "numpy", "tokenizers", "tiktoken", "safetensors", "matplotlib", "yaml", "tqdm", "transformers")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], []])
+def test_help_imports_nothing_heavy(argv):
+    """`lmforge --help` builds the parser only: none of the heavy libraries is imported for it."""
+    root = Path(__file__).resolve().parents[1]
+    probe = ("import sys\nfrom lmforge.cli import main\n"
+             f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+             f"print('imported:', sorted(set({HEAVY!r}) & set(sys.modules)), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert "usage: lmforge" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == "imported: []", proc.stderr
+
 def test_bad_corpus_inputs(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 4)

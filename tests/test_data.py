@@ -194,6 +194,27 @@ def test_shards_round_trip_with_documents(tmp_path, kind, monkeypatch):
     assert meta["train"]["files"][:2] == ["train_000.bin", "train_001.bin"]
 
 
+def test_bpe_shards_identical_with_the_fast_encoder(tmp_path, monkeypatch):
+    """Shards written through tiktoken (lmforge.fast_bpe) are byte for byte those of the tokenizers path."""
+    pytest.importorskip("tiktoken")
+    monkeypatch.setattr(shards_module, "PIECE_BYTES", 900)
+    mixed = "".join(f"{i} Ünïcödé café  naïve\t\tΩμέγα 日本語 한국어 🙂👍🏽 it's 12,345.6\n\n  x\u3000y\r\n" for i in range(60))
+    corpus = [write(tmp_path / "a.txt", POEM), write(tmp_path / "b.md", CHINESE + mixed),
+              write(tmp_path / "c.jsonl", json.dumps({"text": "短 doc 🙂<|endoftext|> tail"}) + "\n")]
+    fast = prepare(DataConfig(corpus=[str(c) for c in corpus], data_dir=str(tmp_path / "fast"), tokenizer="bpe",
+                              vocab_size=400, shard_tokens=3000), progress=False)
+    assert Tokenizer.load(tmp_path / "fast")._fast_encoder() is not None
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow/tokenizer.json").write_bytes((tmp_path / "fast/tokenizer.json").read_bytes())
+    monkeypatch.setattr(Tokenizer, "_fast_encoder", lambda self: None)
+    slow = prepare(DataConfig(corpus=[str(c) for c in corpus], data_dir=str(tmp_path / "slow"), tokenizer="bpe",
+                              vocab_size=400, shard_tokens=3000), progress=False)
+    files = fast["train"]["files"] + fast["val"]["files"]
+    assert len(files) > 2 and files == slow["train"]["files"] + slow["val"]["files"]
+    for name in files:
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "slow" / name).read_bytes(), name
+
+
 def test_tokenizer_reused_or_retrained(tmp_path):
     path = write(tmp_path / "poem.txt", POEM)
     cfg = cfg_for(tmp_path, [path])

@@ -213,3 +213,89 @@ def test_stream_decoder_holds_partial_characters():
     stream = tok.stream_decoder()
     assert stream.push(ids[1]) == ""
     assert stream.flush() == "\ufffd"
+
+
+# ---------------------------------------------------------------------- byte-level BPE through tiktoken
+# The merges run by tiktoken (lmforge.fast_bpe) must give exactly the ids of the tokenizers pipeline.
+
+TRICKY = ["a", "Z", "é", "ß", "ǅ", "Ω", "я", "ש", "ع", "ह", "ि", "한", "日", "本", "語", "，", "。", "１", "٣", "৩",
+          "0", "7", "½", "Ⅻ", " ", " ", "  ", "\t", "\n", "\r\n", "\u00a0", "\u3000", "\u2028", "\u200b", "\u0301",
+          "'s", "'S", "'re", "'ll", "'", "!", "?!", "...", "-", "_", "$", "🙂", "👨‍👩‍👧", "🇫🇷", "👍🏽", "1️⃣",
+          "\U00010348", "\U00020000", "\x00", "\x7f", "<|endoftext|>", "<|endoftext", "the", " the", "ing"]
+
+
+@pytest.fixture(scope="module")
+def mixed_bpe():
+    """Byte-level BPE whose merges span scripts, digits and whitespace runs."""
+    pytest.importorskip("tiktoken")
+    corpus = [TRAIN_TEXT, *SAMPLES.values(), SAMPLES["chinese"] * 5, SAMPLES["mixed"] * 5,
+              "".join(TRICKY) * 20, "  \n\n   x 12345 67 '' \t\t\n" * 10]
+    return Tokenizer.train(corpus, "bpe", vocab_size=700, special_tokens=["<|endoftext|>", "<pad>"])
+
+
+def _pipeline_ids(tok, texts):
+    return [enc.ids for enc in tok._hf.encode_batch(texts, add_special_tokens=False)]
+
+
+def test_fast_bpe_gives_the_pipeline_ids_on_mixed_script_text(mixed_bpe):
+    import random
+
+    assert mixed_bpe._fast_encoder() is not None  # the tiktoken path is the one under test
+    rng = random.Random(0)
+    texts = list(SAMPLES.values()) + [TRAIN_TEXT, "".join(TRICKY), " " * 9 + "x", "x" + "\n" * 5 + " y  "]
+    texts += ["".join(rng.choices(TRICKY, k=rng.randint(0, 40))) for _ in range(400)]
+    fast = [ids.tolist() for ids in mixed_bpe.encode_arrays(texts)]
+    assert fast == _pipeline_ids(mixed_bpe, texts)
+    assert mixed_bpe.encode("<pad><|endoftext|>") == [1, 0]
+
+
+def test_fast_bpe_regex_classes_match_tokenizers():
+    """Both regex engines put every code point in the same class of GPT-2's pattern (letter, number,
+    space, other): with a merge P + byte for each probe P in "a1!", ``P + c`` starts with that merge
+    exactly when c joins P's piece, so equal ids mean equal classes."""
+    tiktoken = pytest.importorskip("tiktoken")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from lmforge.fast_bpe import GPT2_PATTERN, unicode_to_byte
+
+    to_char = {b: c for c, b in unicode_to_byte().items()}
+    ranks = {bytes([b]): b for b in range(256)}
+    merges = []
+    for p in b"a1!":
+        for b in range(256):
+            ranks.setdefault(bytes([p, b]), len(ranks))
+            merges.append((to_char[p], to_char[b]))
+    vocab = {"".join(to_char[b] for b in token): i for token, i in ranks.items()}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    enc = tiktoken.Encoding("probe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    # Every code point of planes 0 and 1 (where new scripts and emoji are added), a stride elsewhere.
+    points = [c for c in [*range(0x20000), *range(0x20000, 0x110000, 61)] if not 0xD800 <= c < 0xE000]
+    texts = ["".join(f"a{chr(c)}1{chr(c)}!{chr(c)}\n" for c in points[i:i + 4096]) for i in range(0, len(points), 4096)]
+    assert enc.encode_ordinary_batch(texts, num_threads=2) == _pipeline_ids(Tokenizer(hf), texts)
+
+
+def test_fast_bpe_refused_where_ids_could_differ(char_tok, mixed_bpe):
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from lmforge.fast_bpe import byte_level_encoder, unicode_to_byte
+
+    assert char_tok._fast_encoder() is None
+    # "abc" made from ("ab", "c") although "bc" is merged first: the rules encode "abc" as [a, bc],
+    # tiktoken (which emits a piece found whole in the vocabulary) as [abc]. Condition 2 catches it.
+    vocab = {c: i for i, c in enumerate(sorted(unicode_to_byte()))}
+    for token in ("bc", "ab", "abc"):
+        vocab[token] = len(vocab)
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[("b", "c"), ("a", "b"), ("ab", "c")]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok = Tokenizer(hf)
+    assert tok.encode("abc") == [vocab["a"], vocab["bc"]]
+    assert tok._fast_encoder() is None
+    # an added token that is not special (matched after normalization) keeps the general path too
+    hf = HFTokenizer.from_str(mixed_bpe._hf.to_str())
+    hf.add_tokens([AddedToken("hello", special=False)])
+    assert byte_level_encoder(hf) is None
+

@@ -7,7 +7,7 @@
    tokenizer, collect the alphabet;
 2. (bpe only, when no matching tokenizer exists) train the tokenizer on the corpus, or on an
    evenly spread sample of it when the corpus is larger than ``BPE_SAMPLE_BYTES``;
-3. tokenize batches of pieces in parallel and append the ids to the shard files.
+3. tokenize the pieces in parallel, a bounded number ahead, and append the ids to the shard files.
 
 The split is by position, as in nanoGPT: the first ``1 - val_fraction`` of the characters are
 train, the rest val; for a single file, train = ``encode(text[:int(n * 0.9)])``. With
@@ -27,7 +27,7 @@ import json
 import os
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +44,7 @@ META = "meta.json"
 IN_PROGRESS = "prepare.incomplete"  # exists while prepare writes; marks the outputs as not ours to reuse
 SPLITS = ("train", "val")
 PIECE_BYTES = 1 << 18  # 256 KiB of text per encode task: enough work per task, little memory per batch
-BATCH_PIECES = max(8, 4 * (os.cpu_count() or 1))  # pieces per encode_batch call: keeps every core busy
+BATCH_PIECES = max(8, 4 * (os.cpu_count() or 1))  # pieces read ahead of the writer: keeps every core busy
 BPE_SAMPLE_BYTES = 1 << 30  # train byte-level BPE on at most ~1 GiB of text, spread over the corpus
 
 
@@ -252,13 +252,17 @@ def _prepare(cfg: DataConfig, progress: bool) -> dict:
     eot = None if tokenizer.eot_id is None else np.array([tokenizer.eot_id], dtype=np.int64)
     split_chars = {"train": cut, "val": counts["chars"] - cut}
     with _bar(progress, counts["bytes"], f"tokenizing ({tokenizer.kind})") as bar:
-        batch: list[tuple[str, str, bool]] = []
-        for item in _split_pieces(cfg, cut):
-            batch.append(item)
-            if len(batch) >= BATCH_PIECES:
-                _encode_and_write(tokenizer, batch, writers, eot, bar)
-                batch = []
-        _encode_and_write(tokenizer, batch, writers, eot, bar)
+        items: deque[tuple[str, str, bool]] = deque()  # the pieces being encoded, oldest first
+
+        def texts() -> Iterator[str]:
+            for item in _split_pieces(cfg, cut):
+                items.append(item)
+                yield item[1]
+
+        for ids in tokenizer.encode_stream(texts(), ahead=BATCH_PIECES):
+            split, text, last = items.popleft()
+            writers[split].write(ids if not last or eot is None else np.concatenate([ids, eot]))
+            bar.update(len(text.encode("utf-8")))
     splits = {split: {**writer.close(), "chars": split_chars[split]} for split, writer in writers.items()}
 
     meta = {
@@ -311,22 +315,6 @@ def _split_pieces(cfg: DataConfig, cut: int | None) -> Iterator[tuple[str, str, 
             yield "train", text[: cut - pos], False
             yield "val", text[cut - pos:], last
         pos += len(text)
-
-
-def _encode_and_write(tokenizer: Tokenizer, batch: list[tuple[str, str, bool]], writers: dict[str, ShardWriter],
-                      eot: np.ndarray | None, bar: tqdm) -> None:
-    if not batch:
-        return
-    encoded = tokenizer.encode_arrays([text for _, text, _ in batch])
-    parts: dict[str, list[np.ndarray]] = {split: [] for split in writers}
-    for (split, _, last), ids in zip(batch, encoded):
-        parts[split].append(ids)
-        if last and eot is not None:
-            parts[split].append(eot)
-    for split, arrays in parts.items():
-        if arrays:
-            writers[split].write(np.concatenate(arrays))  # one write per split and batch
-    bar.update(sum(len(text.encode("utf-8")) for _, text, _ in batch))
 
 
 def _tokenizer_spec(cfg: DataConfig) -> dict:
