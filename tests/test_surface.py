@@ -9,7 +9,7 @@ from lmforge.tasks.surface import lossless, surface_text
 from lmforge.tokenizer import Tokenizer
 
 SOURCE = ("Wal-Mart is being sued over $28bn, says Yukos' owner. It's \"great\" (really) in the U.S., "
-          "and it is late.")
+          "and it is late. The owner's boss said so.")
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,7 @@ def wordpiece():
     ("the owner of yukos says it is great", "The owner of Yukos says it is great"),  # "It" opens a sentence only
     ("u. s. boss sued over $ 30bn claims", "U.S. boss sued over $30bn claims"),
     ("great , really", "Great, really"),                                       # generated punctuation glued
+    ("great ' s boss", "Great's boss"),                                       # "'s" attached as in the source
 ])
 def test_surface_from_source(wordpiece, output, expected):
     ids = wordpiece.encode(output)

@@ -93,7 +93,9 @@ def surface_text(tokenizer, source: str, output: Sequence[int]) -> str:
         # joined in the source to the token the output has just before it ("$" + "28bn", "Yukos" + "'")
         joined = (at > 0 and start > 0 and src_ids[at - 1] == output[start - 1]
                   and offsets[at - 1][1] == offsets[at][0])
-        parts.append((text, joined or first.startswith(_CONTINUES) or text.startswith(_CLOSING)))
+        # punctuation the source writes against the word before it ("'s", ",") stays against it
+        attached = offsets[at][0] > 0 and not source[offsets[at][0] - 1].isspace() and not text[0].isalnum()
+        parts.append((text, joined or attached or first.startswith(_CONTINUES) or text.startswith(_CLOSING)))
     flush()
     out = ""
     for text, glued in parts:

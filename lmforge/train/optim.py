@@ -127,9 +127,12 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     if not wide:
         x = x.mT
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + 1e-7)
-    for _ in range(steps):
+    batched = x.dim() == 3
+    x = x if batched else x.reshape(-1, *x.shape[-2:])
+    for _ in range(steps):  # a X + (b G + c G G) X, G = X X^T, as two fused multiply-adds
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    x = x if batched else x.reshape(g.shape if wide else g.mT.shape)
     return (x if wide else x.mT).to(g.dtype)
 
 
