@@ -12,8 +12,7 @@ from lmforge.cli import main
 from lmforge.config import Config, ModelConfig
 from lmforge.errors import LMForgeError
 from lmforge.model.encoder import EncoderModel
-from lmforge.tasks.srl import (Encoder, Labeller, constrained_roles, evaluate_sentences, load_labeller, sense_lexicon,
-                               split_words)
+from lmforge.tasks.srl import Encoder, Labeller, evaluate_sentences, load_labeller, sense_lexicon, split_words
 from lmforge.tasks.srl_data import read_conllu, score, split_by_document, write_conllu
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.checkpoint import save_checkpoint
@@ -179,19 +178,6 @@ def test_finetune_and_label_end_to_end(tmp_path, capsys):
     n_gold = sum(1 for s in gold for col in s.arguments() for label in col if label not in ("_", "V"))
     assert result["arguments"]["gold"] == n_gold and result["per_label"]["ARGM-LOC"]["correct"] == 0
     assert result["arguments"]["recall"] <= 1 - n_loc / n_gold + 1e-9
-
-
-def test_constrained_roles_gives_each_core_role_to_one_word():
-    roles = ["_", "ARG0", "ARG1", "ARGM-TMP", "V"]
-    logp = torch.log(torch.tensor([
-        [0.1, 0.6, 0.2, 0.05, 0.05],   # ARG0 (0.6)
-        [0.1, 0.7, 0.1, 0.05, 0.05],   # ARG0 (0.7): keeps it, so word 0 falls back to ARG1
-        [0.2, 0.1, 0.5, 0.1, 0.1],     # ARG1 (0.5) beats word 0's 0.2: word 0 falls back to _
-        [0.1, 0.1, 0.1, 0.6, 0.1],     # ARGM-TMP: modifiers may repeat
-        [0.1, 0.1, 0.1, 0.6, 0.1],
-    ]))
-    assert constrained_roles(logp, roles) == [0, 1, 2, 3, 3]
-    assert constrained_roles(logp[[1, 3]], roles) == [1, 3]  # no clash: the plain argmax
 
 
 def test_sense_lexicon_and_choice(tmp_path):
