@@ -300,8 +300,6 @@ def cmd_classify(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_srl(args: argparse.Namespace, overrides: list[str]) -> None:
-    from collections import Counter
-
     from lmforge.tasks.srl import describe, describe_unseen, evaluate_sentences, load_labeller, sentence_from_text
     from lmforge.tasks.srl_data import format_score, read_conllu, write_conllu
 
@@ -311,7 +309,7 @@ def cmd_srl(args: argparse.Namespace, overrides: list[str]) -> None:
         if any(s.predicates for s in gold):
             result = evaluate_sentences(labeller, gold)
             if result["unseen_labels"]:
-                print(f"note: {describe_unseen(Counter(result['unseen_labels']))}")
+                print(f"note: {describe_unseen(result['unseen_labels'])}")
             print(format_score(result["gold_predicates"], "gold predicates:"))
             print(format_score(result["end_to_end"], "predicted predicates:"))
         predicted = labeller.label(gold, [s.predicates for s in gold] if args.gold_predicates else None)

@@ -249,9 +249,10 @@ def unseen_roles(sentences: list[Sentence], roles: list[str]) -> Counter:
                    if label not in known and label not in (O, ""))
 
 
-def describe_unseen(unseen: Counter) -> str:
+def describe_unseen(unseen: dict[str, int]) -> str:
+    """One line for :func:`unseen_roles`' counts (or the ``unseen_labels`` of a result)."""
     return (f"{sum(unseen.values())} gold arguments carry labels the model was not trained with, scored as misses: "
-            + ", ".join(f"{label} x{n}" for label, n in unseen.most_common()))
+            + ", ".join(f"{label} x{n}" for label, n in Counter(unseen).most_common()))
 
 
 def evaluate_sentences(labeller: Labeller, gold: list[Sentence]) -> dict[str, Any]:
@@ -349,7 +350,7 @@ class SemanticRoles(HeadObjective):
                             "sentences_per_second_end_to_end": result["sentences_per_second_end_to_end"]}
         summary["valid_scores"] = result
         if result["unseen_labels"]:
-            run.say(f"valid: {describe_unseen(Counter(result['unseen_labels']))}")
+            run.say(f"valid: {describe_unseen(result['unseen_labels'])}")
         run.say(format_score(result["gold_predicates"], "valid, gold predicates:"))
         run.say(format_score(result["end_to_end"], "valid, predicted predicates:"))
 

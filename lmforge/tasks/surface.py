@@ -30,9 +30,9 @@ _SPACE_BEFORE_CLOSING = re.compile(r"\s+([,.;:!?%)\]}])")
 _SPACE_AFTER_OPENING = re.compile(r"([$£€#(\[{])\s+")
 
 
-def lossless(tokenizer, text: str) -> bool:
-    """Whether the tokenizer gives ``text`` back exactly from its tokens."""
-    return tokenizer.decode(tokenizer.encode(text)) == text
+def lossless(tokenizer, text: str, ids: Sequence[int] | None = None) -> bool:
+    """Whether the tokenizer gives ``text`` back exactly from its tokens (``ids``, when already encoded)."""
+    return tokenizer.decode(tokenizer.encode(text) if ids is None else ids) == text
 
 
 def _sentence_start(source: str, start: int) -> bool:
@@ -64,9 +64,9 @@ def _runs(output: Sequence[int], source: Sequence[int], starts: Sequence[bool]) 
 def surface_text(tokenizer, source: str, output: Sequence[int]) -> str:
     """The text of output token ids, written as the source writes what it copies (see the module)."""
     output = [int(t) for t in output]
-    if lossless(tokenizer, source):
-        return tokenizer.decode(output).strip()
     src_ids, offsets = tokenizer.encode_offsets(source)
+    if lossless(tokenizer, source, src_ids):
+        return tokenizer.decode(output).strip()
     starts = [_sentence_start(source, a) for a, _ in offsets]
     lower_words = {w for w in re.findall(r"\w+", source) if w.islower()}
     parts: list[tuple[str, bool]] = []  # (text, glued to what comes before)
