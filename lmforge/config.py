@@ -245,6 +245,9 @@ class TrainConfig:
     warmup_steps: int = 100
     #: steps of the cosine decay (null = max_steps)
     decay_steps: int | None = None
+    #: what the cosine decay runs over: steps (to decay_steps), or minutes (to train.max_minutes of
+    #: wall time, so a time-budgeted run ends decayed on any machine; max_steps is then only a cap)
+    schedule: str = "steps"
     #: adamw, or muon (orthogonalized momentum for the blocks' weight matrices, AdamW for the rest)
     optimizer: str = "adamw"
     #: peak learning rate of Muon's matrices (follows the same warmup and cosine shape as train.lr)
@@ -298,6 +301,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _check_choice("train.optimizer", self.optimizer, ("adamw", "muon"))
+        _check_choice("train.schedule", self.schedule, ("steps", "minutes"))
+        if self.schedule == "minutes" and not self.max_minutes > 0:
+            raise LMForgeError("train.schedule=minutes decays the learning rate over train.max_minutes; "
+                               "set train.max_minutes (e.g. --train.max_minutes=30) or use train.schedule=steps")
         for name in ("batch_size", "grad_accum", "eval_batches"):
             if getattr(self, name) < 1:
                 raise LMForgeError(f"train.{name} must be at least 1, got {getattr(self, name)}")

@@ -10,8 +10,8 @@ from torch import nn
 from lmforge.config import ModelConfig, TrainConfig
 from lmforge.errors import LMForgeError
 from lmforge.model import DecoderLM
-from lmforge.train.optim import (NS_COEFFICIENTS, Muon, build_optimizer, lr_at, muon_params, orthogonalize, set_lr,
-                                 param_groups)
+from lmforge.train.optim import (NS_COEFFICIENTS, Muon, build_optimizer, lr_at, muon_params, newton_schulz_dtype,
+                                 orthogonalize, param_groups, set_lr)
 
 
 def tiny_model(**overrides) -> DecoderLM:
@@ -122,6 +122,25 @@ def test_lr_schedule_matches_formula(warmup, max_steps, decay_steps):
     assert all(a >= b for a, b in zip(decaying, decaying[1:]))
 
 
+def test_minutes_schedule_decays_over_the_time_budget_or_the_step_cap():
+    tcfg = TrainConfig(lr=2e-3, min_lr=2e-4, warmup_steps=10, max_steps=1000, max_minutes=2.0, schedule="minutes")
+    budget = 120.0
+    for step, elapsed in [(0, 0.0), (3, 1.0), (10, 5.0), (50, 30.0), (100, 60.0), (400, 90.0), (600, 10.0),
+                          (999, 119.0), (500, 120.0), (500, 500.0)]:
+        ramp = 2e-3 * (step + 1) / 11 if step < 10 else 2e-3
+        t = min(max(elapsed / budget, step / 1000), 1.0)  # whichever of time and steps is further along
+        want = min(ramp, 2e-4 + (2e-3 - 2e-4) * (1 + math.cos(math.pi * t)) / 2)
+        assert lr_at(step, tcfg, elapsed) == pytest.approx(want, rel=1e-12, abs=0)
+    assert lr_at(5, tcfg, 60.0) == pytest.approx(2e-3 * 6 / 11)      # the ramp caps the cosine early on
+    assert lr_at(100, tcfg, 60.0) == pytest.approx(1.1e-3)            # half the budget: half way down
+    assert lr_at(100, tcfg, 120.0) == pytest.approx(2e-4)             # budget spent: min_lr
+    assert lr_at(1000, tcfg, 0.0) == pytest.approx(2e-4)              # step cap reached first: min_lr too
+    with pytest.raises(LMForgeError, match="max_minutes"):
+        TrainConfig(schedule="minutes")
+    with pytest.raises(LMForgeError, match="train.schedule"):
+        TrainConfig(schedule="hours")
+
+
 # ------------------------------------------------------------------------------------------------ Muon
 
 @pytest.mark.parametrize("shape", [(24, 72), (72, 24), (40, 40)])
@@ -140,6 +159,22 @@ def test_orthogonalize_equals_the_polynomial_on_the_singular_values(shape):
     assert 0.6 < s.median() and s.max() < 1.25  # about U V^T: directions move about equally far
     stack = torch.stack([g, 2 * g.flip(0), -g])
     torch.testing.assert_close(orthogonalize(stack), torch.stack([orthogonalize(m) for m in stack]))
+    # In bf16 (GPUs, and CPUs where it is measured faster): bf16's rounding (2^-8 relative) on entries
+    # of about 0.3, far below the iteration's own spread of singular values; float32 comes back.
+    half = orthogonalize(g.float(), dtype=torch.bfloat16)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), expected, rtol=0, atol=0.03)
+    assert (half.double() - expected).abs().max() > 1e-4  # it did run in bf16
+
+
+def test_newton_schulz_dtype_follows_a_pinned_dtype_and_measures_under_auto():
+    cpu = torch.device("cpu")
+    model = tiny_model()
+    muon = build_optimizer(model, TrainConfig(optimizer="muon", dtype="float32"), cpu)
+    assert newton_schulz_dtype(muon, TrainConfig(dtype="float32"), cpu) == "float32"
+    assert newton_schulz_dtype(muon, TrainConfig(dtype="bfloat16"), cpu) == "bfloat16"
+    assert newton_schulz_dtype(muon, TrainConfig(dtype="auto"), cpu) in ("float32", "bfloat16")
+    assert newton_schulz_dtype(build_optimizer(model, TrainConfig(), cpu), TrainConfig(dtype="auto"), cpu) is None
 
 
 def model_and_grads(tied: bool, seed: int = 0):
@@ -199,3 +234,30 @@ def test_muon_step_matches_formula_and_adamw_groups_match_torch():
 def test_unknown_optimizer_is_refused():
     with pytest.raises(LMForgeError, match="train.optimizer"):
         TrainConfig(optimizer="sgd")
+
+
+def test_muon_steps_without_importing_torchs_compiler_stack():
+    """torch.optim.Optimizer's add_param_group and zero_grad import torch._dynamo (and sympy) on first
+    use, about 1 s of start-up; Muon calls the methods unwrapped, so a Muon run pays it only when it
+    first saves a checkpoint."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from lmforge.config import ModelConfig, TrainConfig
+from lmforge.model import DecoderLM
+from lmforge.train.optim import build_optimizer
+model = DecoderLM(ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, d_model=32))
+opt = build_optimizer(model, TrainConfig(optimizer="muon"), "cpu")
+before = {n: p.detach().clone() for n, p in model.named_parameters()}
+for _ in range(2):
+    model(torch.randint(0, 50, (2, 16))).logsumexp(-1).mean().backward()
+    opt.step()
+    opt.zero_grad()
+assert all(p.grad is None for p in model.parameters())
+assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+print(sorted(m for m in ("torch._dynamo", "sympy", "torch.distributed.tensor") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

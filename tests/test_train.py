@@ -17,6 +17,7 @@ from lmforge.errors import LMForgeError
 from lmforge.model import DecoderLM
 from lmforge.train import checkpoint as ck
 from lmforge.tasks.lm import train, window_count, window_loss
+from lmforge.train.optim import lr_at
 from lmforge.train.trainer import accumulate_gradients
 from lmforge.train.plot import plot_run
 
@@ -144,6 +145,24 @@ def test_resume_is_bitwise_exact(corpus_dir, tmp_path, optimizer):
     val_b = {r["step"]: r["val_loss"] for r in mb if "val_loss" in r}
     assert set(val_a) == {3, 6} and val_a[3] == val_b[3] and val_a[6] == val_b[6]
     assert full["train_loss"] == last["train_loss"] and full["val_loss"] == last["val_loss"]
+
+
+def test_minutes_schedule_ends_decayed_when_the_budget_is_spent(corpus_dir, tmp_path):
+    cfg = make_cfg(corpus_dir, tmp_path / "timed", max_steps=100_000, max_minutes=0.05, schedule="minutes",
+                   decay_steps=None, eval_interval=0, optimizer="adamw")
+    summary = train(cfg)
+    assert 2 < summary["steps"] < 100_000 and not summary["stopped_early"]  # the planned end, not an interruption
+    records = read_metrics(tmp_path / "timed")
+    # Each step's rate is the cosine at the clock read right after the step before it, which lies between
+    # the times recorded for the two steps before it.
+    for earlier, before, rec in zip(records, records[1:], records[2:]):
+        step = before["step"]
+        assert lr_at(step, cfg.train, before["elapsed"]) <= rec["lr"] <= lr_at(step, cfg.train, earlier["elapsed"])
+    after_warmup = [r["lr"] for r in records if r["step"] > 2]
+    assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:]))
+    assert after_warmup[-1] < 1e-3 + 0.2 * (1e-2 - 1e-3)  # near min_lr at the end of the budget
+    again = train(cfg, resume=True)  # the budget counts across sessions: a finished run stays finished
+    assert again["steps"] == summary["steps"]
 
 
 def test_run_outputs(corpus_dir, tmp_path):

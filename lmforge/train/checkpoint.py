@@ -402,7 +402,16 @@ def load_train_state(ckpt: str | Path) -> dict[str, Any]:
             f"{ckpt}: {STATE_PT} is at step {state['step']} but {STATE_JSON} at step {info.get('step')}; "
             "the checkpoint is damaged, resume from another one"
         )
-    return {**state, "sampler": info.get("sampler"), "metrics": info.get("metrics") or {}, "dtype": info.get("dtype")}
+    return {**state, "sampler": info.get("sampler"), "metrics": info.get("metrics") or {}, **run_choices(info)}
+
+
+#: what a run measured and chose when it started (autocast dtype, Muon's Newton-Schulz dtype): a
+#: resumed run keeps them, so it continues exactly as it would have
+RUN_CHOICES = ("dtype", "muon_ns_dtype")
+
+
+def run_choices(info: dict) -> dict[str, Any]:
+    return {key: info.get(key) for key in RUN_CHOICES}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Config, Any]:

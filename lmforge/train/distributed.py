@@ -150,6 +150,15 @@ def any_rank(flag: bool, world: World, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def main_rank_value(value: float, world: World, device: torch.device) -> float:
+    """The main rank's ``value`` on every rank (its clock, say: one learning rate and one stop for all)."""
+    if not world.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
 def per_rank_batch(batch_size: int, world: World, what: str = "train.batch_size") -> int:
     """Windows each rank takes from a global batch; the global batch must split evenly."""
     if batch_size % world.world_size:

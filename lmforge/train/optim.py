@@ -18,11 +18,13 @@ steps (benchmarks/train_shakespeare.py).
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
 from torch.optim.adamw import adamw
 
+from lmforge import hardware
 from lmforge.config import TrainConfig
 from lmforge.errors import LMForgeError
 
@@ -83,20 +85,32 @@ def build_optimizer(model: nn.Module, tcfg: TrainConfig, device: torch.device | 
     )
 
 
-def lr_at(step: int, tcfg: TrainConfig) -> float:
-    """Learning rate of optimizer step ``step`` (0-based).
+def lr_at(step: int, tcfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Learning rate of optimizer step ``step`` (0-based), ``elapsed`` seconds into the run.
 
     Linear warmup: ``lr * (step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps``
     (never exactly zero, so the first step already moves the weights); then
     cosine decay from ``lr`` at ``warmup_steps`` to ``min_lr`` at ``decay_steps``
     (default ``max_steps``); then ``min_lr``.
+
+    With ``train.schedule: minutes`` the cosine runs over wall time instead, from ``lr`` at 0 to
+    ``min_lr`` at ``max_minutes`` or at ``max_steps``, whichever comes first (its progress is the
+    larger of the two fractions), and the warmup ramp caps it: the rate is the smaller of the two.
     """
+    warmup = tcfg.lr * (step + 1) / (tcfg.warmup_steps + 1) if step < tcfg.warmup_steps else tcfg.lr
+    if tcfg.schedule == "minutes":
+        return min(warmup, _cosine(max(elapsed / (tcfg.max_minutes * 60), step / max(tcfg.max_steps, 1)), tcfg))
     decay_steps = tcfg.max_steps if tcfg.decay_steps is None else tcfg.decay_steps
     if step < tcfg.warmup_steps:
-        return tcfg.lr * (step + 1) / (tcfg.warmup_steps + 1)
+        return warmup
     if step >= decay_steps:
         return tcfg.min_lr
-    progress = (step - tcfg.warmup_steps) / (decay_steps - tcfg.warmup_steps)
+    return _cosine((step - tcfg.warmup_steps) / (decay_steps - tcfg.warmup_steps), tcfg)
+
+
+def _cosine(progress: float, tcfg: TrainConfig) -> float:
+    """Half a cosine from ``lr`` (progress 0) to ``min_lr`` (progress 1 and beyond)."""
+    progress = min(max(progress, 0.0), 1.0)
     return tcfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tcfg.lr - tcfg.min_lr)
 
 
@@ -112,7 +126,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = None) -> torch.Tensor:
     """About ``U @ V.T`` for ``g = U S V^T``: ``steps`` quintic Newton-Schulz iterations.
 
     ``X <- a X + (b X X^T + c (X X^T)^2) X`` maps each singular value ``s`` of ``X`` to
@@ -120,9 +134,12 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     Frobenius norm first puts every singular value in (0, 1], where repeating the map
     drives them towards 1. Works on the wide orientation (fewer rows), so ``X X^T`` is small.
     ``g`` may be a stack of matrices (..., rows, cols): each is orthogonalized on its own.
+    The iteration runs in ``dtype``; by default bf16 on GPUs, float32 (or wider) elsewhere.
     """
     a, b, c = NS_COEFFICIENTS
-    x = g.bfloat16() if g.device.type == "cuda" else g.to(torch.promote_types(g.dtype, torch.float32))
+    if dtype is None:
+        dtype = torch.bfloat16 if g.device.type == "cuda" else torch.promote_types(g.dtype, torch.float32)
+    x = g.to(dtype)
     wide = x.size(-2) <= x.size(-1)
     if not wide:
         x = x.mT
@@ -134,6 +151,49 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
         x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     x = x if batched else x.reshape(g.shape if wide else g.mT.shape)
     return (x if wide else x.mT).to(g.dtype)
+
+
+#: what a Muon group's ``ns_dtype`` setting names (absent or None: orthogonalize's default)
+NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def newton_schulz_dtype(optimizer: torch.optim.Optimizer, tcfg: TrainConfig, device: torch.device) -> str | None:
+    """The dtype Muon's Newton-Schulz iterations should run in, for a run that starts now.
+
+    GPUs: bf16 (orthogonalize's default). A CPU run with a pinned ``train.dtype`` keeps it
+    (float32, or bf16 when the run trains in bf16). With ``train.dtype: auto`` a CPU whose bf16
+    matmuls beat float32 (AVX512-BF16, AMX) runs the iterations on this run's own matrix shapes
+    in both dtypes and takes bf16 only when it is clearly faster: on small matrices the casts can
+    cost more than the matmuls save. bf16 is what Muon uses on GPUs; its rounding is far below the
+    iteration's own spread of singular values (about [0.7, 1.2]). None when there is no Muon group.
+    """
+    groups = [g for g in optimizer.param_groups if g.get("muon")]
+    if not groups:
+        return None
+    if device.type == "cuda":
+        return "bfloat16"
+    if tcfg.dtype != "auto":
+        return "bfloat16" if tcfg.dtype == "bfloat16" else "float32"
+    if hardware.resolve_dtype("auto", device) != torch.bfloat16:
+        return "float32"  # no bf16 units: bf16 matmuls are emulated and slower
+    shapes: dict[tuple, int] = {}
+    for group in groups:
+        for p in group["params"]:
+            shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
+    generator = torch.Generator().manual_seed(0)  # the run's own random streams are not touched
+    stacks = [torch.randn(n, *shape, generator=generator) for shape, n in shapes.items()]
+    steps = groups[0]["ns_steps"]
+
+    def run(dtype: torch.dtype) -> None:
+        for stack in stacks:
+            orthogonalize(stack, steps, dtype)
+
+    return hardware.dtype_name(hardware.faster_dtype(run, (torch.float32, torch.bfloat16)))
+
+
+def _unwrapped(method):
+    """``method`` without torch's dynamo-disabling wrapper (itself, where a torch version has none)."""
+    return getattr(method, "__wrapped__", method)
 
 
 class Muon(torch.optim.Optimizer):
@@ -150,6 +210,14 @@ class Muon(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, momentum=momentum, ns_steps=ns_steps,
                         muon=False)
         super().__init__(groups, defaults)
+
+    # torch's own add_param_group and zero_grad, without the wrapper that imports torch's compiler
+    # stack on their first call (about 1 s of a run's start-up): this optimizer is never compiled.
+    def add_param_group(self, param_group: dict) -> None:
+        _unwrapped(torch.optim.Optimizer.add_param_group)(self, param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        _unwrapped(torch.optim.Optimizer.zero_grad)(self, set_to_none)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -177,7 +245,7 @@ class Muon(torch.optim.Optimizer):
             by_shape.setdefault(tuple(p.shape), []).append(p)
         for (rows, cols), same in by_shape.items():
             nesterov = torch.stack([p.grad.lerp(self.state[p]["momentum_buffer"], mu) for p in same])
-            updates = orthogonalize(nesterov, group["ns_steps"])
+            updates = orthogonalize(nesterov, group["ns_steps"], NS_DTYPES.get(group.get("ns_dtype")))
             for p, update in zip(same, updates):
                 p.add_(update, alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
@@ -208,11 +276,9 @@ def muon_params(model: nn.Module) -> set[int]:
 
 def build_muon(model: nn.Module, tcfg: TrainConfig) -> Muon:
     """:class:`Muon` over three groups, in this order: AdamW with decay, AdamW without, Muon."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a build without distributed support
-        DTensor = ()
-    if any(isinstance(p, DTensor) for p in model.parameters()):
+    # FSDP's parameters are DTensors; without FSDP their module (which pulls in sympy, ~0.8 s) is never imported
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is not None and any(isinstance(p, dtensor.DTensor) for p in model.parameters()):
         raise LMForgeError("train.optimizer=muon needs whole weight matrices, but FSDP shards them; "
                            "use train.strategy=ddp or train.optimizer=adamw")
     matrices = muon_params(model)

@@ -22,7 +22,7 @@ from lmforge.config import Config
 from lmforge.errors import LMForgeError
 from lmforge.train.checkpoint import (CHECKPOINTS, CONFIG, DCP_DIR, RNG_DIR, STATE_JSON, TOKENIZER, WEIGHTS,
                                       _fsync_tree, _load_tensors, _publish, _remove_leftovers, _tied_names,
-                                      capture_rng_state, read_json, require_file)
+                                      capture_rng_state, read_json, require_file, run_choices)
 
 
 def save_sharded_checkpoint(
@@ -101,7 +101,7 @@ def load_sharded_train_state(ckpt: str | Path, rank: int) -> dict[str, Any]:
     rng = _load_tensors(rng_file) if rng_file.is_file() else None
     return {"step": info["step"], "sampler": info.get("sampler"), "metrics": info.get("metrics") or {},
             "grad_scaler": info.get("grad_scaler"), "world_size": info.get("world_size"), "rng": rng,
-            "dtype": info.get("dtype")}
+            **run_choices(info)}
 
 
 class _MetadataOnly:

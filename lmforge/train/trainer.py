@@ -35,7 +35,7 @@ from lmforge.train import sharded as sharded_io
 from lmforge.train.distributed import World, all_reduce_sum, gradient_sync
 from lmforge.lock import DirectoryLock
 from lmforge.train.objective import Objective, Run, say_stderr, seed_everything
-from lmforge.train.optim import build_optimizer, lr_at, set_lr
+from lmforge.train.optim import build_optimizer, lr_at, newton_schulz_dtype, set_lr
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -277,6 +277,17 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
         objective.load_state_dict(state["sampler"])
         start_step = int(state["step"])
         elapsed_before = float(state["metrics"].get("elapsed", 0.0))
+    # Muon's Newton-Schulz dtype: the one the run started with (None: a checkpoint from before the
+    # choice existed, whose default it keeps), else chosen now (a timing: all ranks must agree)
+    if state is not None:
+        ns_dtype = state.get("muon_ns_dtype")
+    else:
+        ns_dtype = newton_schulz_dtype(optimizer, tcfg, device)
+        if world.distributed and ns_dtype is not None:
+            ns_dtype = "float32" if dist_io.any_rank(ns_dtype == "float32", world, device) else ns_dtype
+    for group in optimizer.param_groups:
+        if group.get("muon"):
+            group["ns_dtype"] = ns_dtype
 
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_item = objective.flops_per_item(model)
@@ -338,8 +349,10 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
     first_step_time = None
     per_second = f"{objective.unit}_per_second"
     trainable = [p for p in model.parameters() if p.requires_grad]
-    while step < tcfg.max_steps:
-        lr = lr_at(step, tcfg)
+    budget = tcfg.max_minutes * 60
+    clock = elapsed_before  # seconds trained (the main rank's clock under torchrun)
+    while step < tcfg.max_steps and not (tcfg.schedule == "minutes" and clock >= budget):
+        lr = lr_at(step, tcfg, clock)
         set_lr(optimizer, lr)
         micro_batches = [objective.next_batch(step, i) for i in range(tcfg.grad_accum)]
         loss = accumulate_gradients(step_model, micro_batches, objective.loss, objective.count, device,
@@ -361,9 +374,10 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
         items_since_log += sum(objective.throughput(b) for b in micro_batches)
         loss_since_log += loss.detach()
 
-        out_of_time = tcfg.max_minutes > 0 and time.perf_counter() - t_start > tcfg.max_minutes * 60
-        if world.distributed and tcfg.max_minutes > 0:
-            out_of_time = dist_io.any_rank(out_of_time, world, device)  # stop together
+        if budget > 0:  # the same clock on every rank: the same learning rate, and they stop together
+            clock = dist_io.main_rank_value(elapsed_before + time.perf_counter() - t_start, world, device)
+        # a minutes schedule spends its budget over all sessions of the run; otherwise each session gets max_minutes
+        out_of_time = budget > 0 and (clock if tcfg.schedule == "minutes" else clock - elapsed_before) > budget
         last = step == tcfg.max_steps or out_of_time
         do_eval = last or (tcfg.eval_interval > 0 and step % tcfg.eval_interval == 0)
         do_ckpt = last or (tcfg.ckpt_interval > 0 and step % tcfg.ckpt_interval == 0)
@@ -402,6 +416,9 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
             postfix = {"loss": f"{record['loss']:.4f}", per_second.split("_")[0][:3] + "/s": f"{speed:,.0f}"}
             if utilisation is not None:
                 postfix["mfu"] = f"{100 * utilisation:.1f}%"
+            if tcfg.schedule == "minutes" and clock > elapsed_before:  # the steps the time budget will hold
+                bar.total = min(tcfg.max_steps, max(step, round(start_step + (step - start_step)
+                                                                * (budget - elapsed_before) / (clock - elapsed_before))))
             bar.set_postfix(postfix, refresh=False)
             if do_eval and val:
                 say(f"step {step}: train loss {record['loss']:.4f}, "
@@ -410,7 +427,7 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
             steps_since_log, items_since_log = 0, 0
             loss_since_log.zero_()
         if do_ckpt:
-            extra = {"dtype": hardware.dtype_name(amp_dtype)}
+            extra = {"dtype": hardware.dtype_name(amp_dtype), "muon_ns_dtype": ns_dtype}
             if world.distributed:
                 checkpoint_path = sharded_io.save_sharded_checkpoint(
                     out_dir, model, cfg, step=step, optimizer=optimizer, rank=world.rank,
@@ -424,8 +441,11 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
         if steps_since_log == 0:
             t_last = time.perf_counter()  # evaluation and saving do not count against the speed
         if out_of_time:
-            stopped_early = step < tcfg.max_steps
-            say(f"stopping after {tcfg.max_minutes} minutes at step {step}; resume with --resume")
+            if tcfg.schedule == "minutes":  # the planned end: the learning rate has decayed
+                say(f"the {tcfg.max_minutes:g}-minute budget is spent at step {step}")
+            else:
+                stopped_early = step < tcfg.max_steps
+                say(f"stopping after {tcfg.max_minutes:g} minutes at step {step}; resume with --resume")
             break
     bar.close()
 
