@@ -167,14 +167,16 @@ def test_orthogonalize_equals_the_polynomial_on_the_singular_values(shape):
     assert (half.double() - expected).abs().max() > 1e-4  # it did run in bf16
 
 
-def test_newton_schulz_dtype_follows_a_pinned_dtype_and_measures_under_auto():
+def test_newton_schulz_dtype_is_pinned_or_measured():
     cpu = torch.device("cpu")
     model = tiny_model()
-    muon = build_optimizer(model, TrainConfig(optimizer="muon", dtype="float32"), cpu)
-    assert newton_schulz_dtype(muon, TrainConfig(dtype="float32"), cpu) == "float32"
-    assert newton_schulz_dtype(muon, TrainConfig(dtype="bfloat16"), cpu) == "bfloat16"
-    assert newton_schulz_dtype(muon, TrainConfig(dtype="auto"), cpu) in ("float32", "bfloat16")
-    assert newton_schulz_dtype(build_optimizer(model, TrainConfig(), cpu), TrainConfig(dtype="auto"), cpu) is None
+    muon = build_optimizer(model, TrainConfig(optimizer="muon"), cpu)
+    assert newton_schulz_dtype(muon, TrainConfig(muon_ns_dtype="float32"), cpu) == "float32"
+    assert newton_schulz_dtype(muon, TrainConfig(muon_ns_dtype="bfloat16", dtype="float32"), cpu) == "bfloat16"
+    assert newton_schulz_dtype(muon, TrainConfig(), cpu) in ("float32", "bfloat16")
+    assert newton_schulz_dtype(build_optimizer(model, TrainConfig(), cpu), TrainConfig(), cpu) is None
+    with pytest.raises(LMForgeError, match="train.muon_ns_dtype"):
+        TrainConfig(muon_ns_dtype="float16")
 
 
 def model_and_grads(tied: bool, seed: int = 0):

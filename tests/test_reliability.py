@@ -108,24 +108,26 @@ def test_changed_muon_settings_apply_on_resume(corpus):
 
 @pytest.mark.parametrize("chosen", ["float32", "bfloat16"])
 def test_muons_newton_schulz_dtype_is_recorded_and_kept_on_resume(corpus, chosen):
-    """train.dtype=auto times Newton-Schulz in both dtypes: the choice goes into every checkpoint and a
-    resumed run keeps it, whatever a new timing would say (here the recorded choice is forced either way)."""
+    """train.muon_ns_dtype=auto times Newton-Schulz in both dtypes: the choice goes into every checkpoint
+    and a resumed run keeps it, whatever a new timing would say (here the recorded choice is forced
+    either way)."""
     out = f"ns-{chosen}"
-    train(tiny(corpus, out, "--train.optimizer=muon", "--train.max_steps=2", "--train.dtype=auto"))
+    train(tiny(corpus, out, "--train.optimizer=muon", "--train.max_steps=2"))
     ckpt = ck.latest_checkpoint(corpus / out)
     record = json.loads((ckpt / ck.STATE_JSON).read_text())
     assert record["muon_ns_dtype"] in ("float32", "bfloat16")
     record["muon_ns_dtype"] = chosen
     (ckpt / ck.STATE_JSON).write_text(json.dumps(record))
-    train(tiny(corpus, out, "--train.optimizer=muon", "--train.max_steps=3", "--train.dtype=auto"), resume=True)
+    train(tiny(corpus, out, "--train.optimizer=muon", "--train.max_steps=3"), resume=True)
     latest = ck.latest_checkpoint(corpus / out)
     assert json.loads((latest / ck.STATE_JSON).read_text())["muon_ns_dtype"] == chosen
     groups = ck.load_train_state(latest)["optimizer"]["param_groups"]
     assert [g["ns_dtype"] for g in groups if g.get("muon")] == [chosen]
-    # A pinned train.dtype pins the iteration too.
-    train(tiny(corpus, f"{out}-pinned", "--train.optimizer=muon", "--train.max_steps=1"))
+    # A pinned choice is used as it is.
+    train(tiny(corpus, f"{out}-pinned", "--train.optimizer=muon", "--train.max_steps=1",
+               f"--train.muon_ns_dtype={chosen}"))
     pinned = json.loads((ck.latest_checkpoint(corpus / f"{out}-pinned") / ck.STATE_JSON).read_text())
-    assert pinned["muon_ns_dtype"] == "float32"
+    assert pinned["muon_ns_dtype"] == chosen
 
 
 def test_a_task_sampler_keeps_the_runs_seed_on_resume():

@@ -45,7 +45,7 @@ def corpus_dir(tmp_path_factory):
 def make_cfg(corpus_dir: Path, out_dir: Path, **train) -> Config:
     kw = dict(out_dir=str(out_dir), seed=123, batch_size=4, grad_accum=2, max_steps=6, lr=1e-2, min_lr=1e-3,
               warmup_steps=2, decay_steps=6, eval_interval=3, eval_batches=2, ckpt_interval=0, log_interval=1,
-              tensorboard=False, progress=False, device="cpu", dtype="float32")
+              tensorboard=False, progress=False, device="cpu", dtype="float32", muon_ns_dtype="float32")
     kw.update(train)
     return Config(
         model=ModelConfig(block_size=16, n_layer=2, n_head=2, d_model=32, dropout=0.1),

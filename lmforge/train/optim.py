@@ -158,22 +158,22 @@ NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def newton_schulz_dtype(optimizer: torch.optim.Optimizer, tcfg: TrainConfig, device: torch.device) -> str | None:
-    """The dtype Muon's Newton-Schulz iterations should run in, for a run that starts now.
+    """The dtype Muon's Newton-Schulz iterations run in (``train.muon_ns_dtype``), for a run that starts now.
 
-    GPUs: bf16 (orthogonalize's default). A CPU run with a pinned ``train.dtype`` keeps it
-    (float32, or bf16 when the run trains in bf16). With ``train.dtype: auto`` a CPU whose bf16
-    matmuls beat float32 (AVX512-BF16, AMX) runs the iterations on this run's own matrix shapes
-    in both dtypes and takes bf16 only when it is clearly faster: on small matrices the casts can
-    cost more than the matmuls save. bf16 is what Muon uses on GPUs; its rounding is far below the
-    iteration's own spread of singular values (about [0.7, 1.2]). None when there is no Muon group.
+    auto: bf16 on GPUs (orthogonalize's default); on a CPU whose bf16 matmuls beat float32
+    (AVX512-BF16, AMX) the iterations are timed on this run's own matrix shapes in both dtypes and
+    bf16 is taken only when it is clearly faster (on small matrices the casts can cost more than
+    the matmuls save); float32 elsewhere. bf16 is what Muon uses on GPUs; its rounding is far below
+    the iteration's own spread of singular values (about [0.7, 1.2]). This is independent of
+    ``train.dtype``: a float32 model can take bf16 orthogonalized steps. None without a Muon group.
     """
     groups = [g for g in optimizer.param_groups if g.get("muon")]
     if not groups:
         return None
+    if tcfg.muon_ns_dtype != "auto":
+        return tcfg.muon_ns_dtype
     if device.type == "cuda":
         return "bfloat16"
-    if tcfg.dtype != "auto":
-        return "bfloat16" if tcfg.dtype == "bfloat16" else "float32"
     if hardware.resolve_dtype("auto", device) != torch.bfloat16:
         return "float32"  # no bf16 units: bf16 matmuls are emulated and slower
     shapes: dict[tuple, int] = {}
