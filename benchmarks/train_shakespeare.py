@@ -1,14 +1,16 @@
 """Time to nanoGPT's loss on tinyshakespeare: the reference recipe and the fast recipe, whole processes.
 
     python benchmarks/train_shakespeare.py [--data ../shared/data/tinyshakespeare.txt] [--only reference|fast]
-                                           [--runs 1] [--nanogpt PATH/TO/nanoGPT]
+                                           [--runs 1] [--nanogpt PATH/TO/nanoGPT] [--float32]
 
 1. reference: nanoGPT's shakespeare_char CPU line (its README: 4 layers x 4 heads x 128, block 64,
    batch 12, AdamW 1e-3, cosine to 1e-4 over 2000 steps, no dropout) as the lmforge recipe
    tinyshakespeare-reference; with ``--nanogpt DIR`` also nanoGPT's own ``train.py`` from a
    checkout, run with that command line (``--device=cpu --compile=False --eval_iters=20 ...``).
 2. fast: the recipe tinyshakespeare-fast: the same data, split and validation measurement, and
-   whatever lmforge offers.
+   whatever lmforge offers. With ``--float32`` also "fast-float32": the same recipe with every
+   measured dtype choice pinned to float32 (Muon's Newton-Schulz included), which is what a CPU
+   without bf16 units runs.
 
 Each run is a whole process, timed from the moment it is started (``python -m lmforge train``,
 imports, data checks, the dtype probe and all evaluations included) to the end of the first
@@ -46,9 +48,14 @@ NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=F
 LMFORGE = [sys.executable, "-m", "lmforge"]
 
 
+#: the fast recipe as it runs on a CPU without bf16 units (measured choices pinned to float32)
+VARIANTS = {"fast-float32": ("fast", ["--train.muon_ns_dtype=float32", "--train.dtype=float32"])}
+
+
 def lmforge_args(name: str, data: str, workdir: str, run: str) -> list[str]:
-    return ["-c", RECIPES[name], f"--data.corpus={data}", f"--data.data_dir={workdir}/data-{name}",
-            f"--train.out_dir={workdir}/{run}", "--train.tensorboard=false", "--train.ckpt_interval=0", *EVAL]
+    recipe, extra = VARIANTS.get(name, (name, []))
+    return ["-c", RECIPES[recipe], f"--data.corpus={data}", f"--data.data_dir={workdir}/data-{recipe}",
+            f"--train.out_dir={workdir}/{run}", "--train.tensorboard=false", "--train.ckpt_interval=0", *EVAL, *extra]
 
 
 def run_lmforge(name: str, data: str, workdir: str, index: int) -> dict:
@@ -126,18 +133,21 @@ def main() -> None:
     parser.add_argument("--only", choices=list(RECIPES), help="run one lmforge recipe")
     parser.add_argument("--runs", type=int, default=1, help="runs of each (median reported; they take turns)")
     parser.add_argument("--nanogpt", type=Path, default=None, help="a nanoGPT checkout: also run its train.py")
+    parser.add_argument("--float32", action="store_true",
+                        help="also run the fast recipe with every dtype choice pinned to float32, as a CPU "
+                             "without bf16 units runs it")
     args = parser.parse_args()
     data = str(Path(args.data).resolve())
     if not Path(data).is_file():
         sys.exit(f"error: {args.data} not found; pass --data PATH to tinyshakespeare.txt")
     if args.nanogpt and not (args.nanogpt / "train.py").is_file():
         sys.exit(f"error: {args.nanogpt} holds no train.py; pass the directory of a nanoGPT checkout")
-    names = [args.only] if args.only else list(RECIPES)
+    names = ([args.only] if args.only else list(RECIPES)) + (["fast-float32"] if args.float32 else [])
 
     results: dict[str, list[dict]] = {n: [] for n in (["nanoGPT"] if args.nanogpt else []) + names}
     with tempfile.TemporaryDirectory() as workdir:
         env_note = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-        for name in names:  # prepared before any clock starts, as nanoGPT's prepare.py
+        for name in names:  # prepared before any clock starts, as nanoGPT's prepare.py (a variant: again, a no-op)
             subprocess.run([*LMFORGE, "prepare", *lmforge_args(name, data, workdir, "prep")[:4]],
                            check=True, capture_output=True, cwd=ROOT)
         if args.nanogpt:
