@@ -99,7 +99,7 @@ RUNS = {
                     "--model.n_encoder_layer=1", "--model.n_head=2", "--model.d_model=32", "--model.d_ff=64",
                     "--data.vocab_size=300", "--data.data_dir=mtdata", "--task.batch_tokens=160",
                     "--task.max_source_len=16", "--task.max_target_len=16", "--task.eval_samples=4",
-                    "--task.beam_size=2"],
+                    "--task.beam_size=2", "--train.schedule=steps"],  # the recipe's decay follows the clock
     "translation-decoder": ["finetune", "translation", "-c", "translation-bible-decoder", "--train", "train.tsv",
                             "--valid", "valid.tsv", "--model.n_layer=1", "--model.n_head=2", "--model.d_model=32",
                             "--model.d_ff=64", "--data.vocab_size=300", "--data.data_dir=mtdata-dec",

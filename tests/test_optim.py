@@ -123,18 +123,26 @@ def test_lr_schedule_matches_formula(warmup, max_steps, decay_steps):
 
 
 def test_minutes_schedule_decays_over_the_time_budget_or_the_step_cap():
-    tcfg = TrainConfig(lr=2e-3, min_lr=2e-4, warmup_steps=10, max_steps=1000, max_minutes=2.0, schedule="minutes")
+    tcfg = TrainConfig(lr=2e-3, min_lr=2e-4, warmup_steps=10, max_steps=1010, max_minutes=2.0, schedule="minutes")
+    steps_only = TrainConfig(lr=2e-3, min_lr=2e-4, warmup_steps=10, max_steps=1010)
     budget = 120.0
-    for step, elapsed in [(0, 0.0), (3, 1.0), (10, 5.0), (50, 30.0), (100, 60.0), (400, 90.0), (600, 10.0),
-                          (999, 119.0), (500, 120.0), (500, 500.0)]:
-        ramp = 2e-3 * (step + 1) / 11 if step < 10 else 2e-3
-        t = min(max(elapsed / budget, step / 1000), 1.0)  # whichever of time and steps is further along
-        want = min(ramp, 2e-4 + (2e-3 - 2e-4) * (1 + math.cos(math.pi * t)) / 2)
+    for step, elapsed in [(0, 0.0), (3, 1.0), (3, 100.0), (10, 5.0), (50, 30.0), (100, 60.0), (400, 90.0),
+                          (600, 10.0), (999, 119.0), (500, 120.0), (500, 500.0), (1010, 1.0)]:
+        by_time = min(elapsed / budget, 1.0)
+        if step < 10:
+            cosine = 2e-4 + (2e-3 - 2e-4) * (1 + math.cos(math.pi * by_time)) / 2
+            want = min(2e-3 * (step + 1) / 11, cosine)  # the ramp, capped by the cosine over time
+        else:
+            t = max(min((step - 10) / 1000, 1.0), by_time)  # whichever of steps and time is further along
+            want = 2e-4 + (2e-3 - 2e-4) * (1 + math.cos(math.pi * t)) / 2
         assert lr_at(step, tcfg, elapsed) == pytest.approx(want, rel=1e-12, abs=0)
     assert lr_at(5, tcfg, 60.0) == pytest.approx(2e-3 * 6 / 11)      # the ramp caps the cosine early on
-    assert lr_at(100, tcfg, 60.0) == pytest.approx(1.1e-3)            # half the budget: half way down
+    assert lr_at(3, tcfg, 120.0) == pytest.approx(2e-4)               # ... and the cosine the ramp
+    assert lr_at(110, tcfg, 60.0) == pytest.approx(1.1e-3)            # half the budget: half way down
     assert lr_at(100, tcfg, 120.0) == pytest.approx(2e-4)             # budget spent: min_lr
-    assert lr_at(1000, tcfg, 0.0) == pytest.approx(2e-4)              # step cap reached first: min_lr too
+    assert lr_at(1010, tcfg, 0.0) == pytest.approx(2e-4)              # step cap reached first: min_lr too
+    for step in (0, 5, 10, 300, 700, 1010):  # while the steps are further along: the step schedule exactly
+        assert lr_at(step, tcfg, 0.0) == lr_at(step, steps_only)
     with pytest.raises(LMForgeError, match="max_minutes"):
         TrainConfig(schedule="minutes")
     with pytest.raises(LMForgeError, match="train.schedule"):

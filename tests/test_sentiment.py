@@ -146,7 +146,8 @@ def test_resume_is_exact(tmp_path, capsys):
     trunk = make_trunk(tmp_path, "encoder")
     train = write(tmp_path / "train.tsv", toy_rows(60, 1))
     base = ["finetune", "sentiment", "--train", str(train), "--init-from", str(trunk), "-q", "--train.lr=3e-3",
-            "--train.ckpt_interval=3", "--train.eval_interval=0", "--train.batch_size=8"]
+            "--train.ckpt_interval=3", "--train.eval_interval=0", "--train.batch_size=8",
+            "--train.dtype=float32"]  # separate runs: a timed dtype choice could differ between them
     main(base + [f"--train.out_dir={tmp_path / 'a'}", "--train.max_steps=6"])
     main(base + [f"--train.out_dir={tmp_path / 'b'}", "--train.max_steps=3"])
     main(base + [f"--train.out_dir={tmp_path / 'b'}", "--train.max_steps=6", "--resume"])

@@ -148,19 +148,21 @@ def test_resume_is_bitwise_exact(corpus_dir, tmp_path, optimizer):
 
 
 def test_minutes_schedule_ends_decayed_when_the_budget_is_spent(corpus_dir, tmp_path):
-    cfg = make_cfg(corpus_dir, tmp_path / "timed", max_steps=100_000, max_minutes=0.05, schedule="minutes",
+    cfg = make_cfg(corpus_dir, tmp_path / "timed", max_steps=100_000, max_minutes=0.1, schedule="minutes",
                    decay_steps=None, eval_interval=0, optimizer="adamw")
     summary = train(cfg)
-    assert 2 < summary["steps"] < 100_000 and not summary["stopped_early"]  # the planned end, not an interruption
+    assert summary["steps"] < 100_000 and not summary["stopped_early"]  # the planned end, not an interruption
     records = read_metrics(tmp_path / "timed")
+    assert records[-1]["elapsed"] >= 6.0 and len(records) >= 3  # the budget was spent
     # Each step's rate is the cosine at the clock read right after the step before it, which lies between
-    # the times recorded for the two steps before it.
+    # the times recorded for the two steps before it: whatever the machine's speed, the rate follows the clock
+    # down to min_lr at the end of the budget.
     for earlier, before, rec in zip(records, records[1:], records[2:]):
         step = before["step"]
         assert lr_at(step, cfg.train, before["elapsed"]) <= rec["lr"] <= lr_at(step, cfg.train, earlier["elapsed"])
+    assert lr_at(records[-1]["step"], cfg.train, records[-1]["elapsed"]) == pytest.approx(1e-3)
     after_warmup = [r["lr"] for r in records if r["step"] > 2]
     assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:]))
-    assert after_warmup[-1] < 1e-3 + 0.2 * (1e-2 - 1e-3)  # near min_lr at the end of the budget
     again = train(cfg, resume=True)  # the budget counts across sessions: a finished run stays finished
     assert again["steps"] == summary["steps"]
 

@@ -93,19 +93,19 @@ def lr_at(step: int, tcfg: TrainConfig, elapsed: float = 0.0) -> float:
     cosine decay from ``lr`` at ``warmup_steps`` to ``min_lr`` at ``decay_steps``
     (default ``max_steps``); then ``min_lr``.
 
-    With ``train.schedule: minutes`` the cosine runs over wall time instead, from ``lr`` at 0 to
-    ``min_lr`` at ``max_minutes`` or at ``max_steps``, whichever comes first (its progress is the
-    larger of the two fractions), and the warmup ramp caps it: the rate is the smaller of the two.
+    With ``train.schedule: minutes`` the cosine's progress is the larger of that step fraction and
+    the fraction of ``max_minutes`` spent, and the warmup ramp caps it: the run reaches ``min_lr``
+    when its time budget is spent, or at ``decay_steps`` if a fast machine gets there first (then
+    the rate is the step schedule's exactly).
     """
-    warmup = tcfg.lr * (step + 1) / (tcfg.warmup_steps + 1) if step < tcfg.warmup_steps else tcfg.lr
-    if tcfg.schedule == "minutes":
-        return min(warmup, _cosine(max(elapsed / (tcfg.max_minutes * 60), step / max(tcfg.max_steps, 1)), tcfg))
     decay_steps = tcfg.max_steps if tcfg.decay_steps is None else tcfg.decay_steps
     if step < tcfg.warmup_steps:
-        return warmup
-    if step >= decay_steps:
-        return tcfg.min_lr
-    return _cosine((step - tcfg.warmup_steps) / (decay_steps - tcfg.warmup_steps), tcfg)
+        ramp = tcfg.lr * (step + 1) / (tcfg.warmup_steps + 1)
+        return min(ramp, _cosine(elapsed / (tcfg.max_minutes * 60), tcfg)) if tcfg.schedule == "minutes" else ramp
+    by_steps = 1.0 if step >= decay_steps else (step - tcfg.warmup_steps) / (decay_steps - tcfg.warmup_steps)
+    if tcfg.schedule == "minutes":
+        return _cosine(max(by_steps, elapsed / (tcfg.max_minutes * 60)), tcfg)
+    return _cosine(by_steps, tcfg)
 
 
 def _cosine(progress: float, tcfg: TrainConfig) -> float:
