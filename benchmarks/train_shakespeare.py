@@ -147,8 +147,9 @@ def main() -> None:
     results: dict[str, list[dict]] = {n: [] for n in (["nanoGPT"] if args.nanogpt else []) + names}
     with tempfile.TemporaryDirectory() as workdir:
         env_note = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
-        for name in names:  # prepared before any clock starts, as nanoGPT's prepare.py (a variant: again, a no-op)
-            subprocess.run([*LMFORGE, "prepare", *lmforge_args(name, data, workdir, "prep")[:4]],
+        # each recipe's data is prepared once, before any clock starts, as nanoGPT's prepare.py
+        for recipe in dict.fromkeys(VARIANTS.get(n, (n,))[0] for n in names):
+            subprocess.run([*LMFORGE, "prepare", *lmforge_args(recipe, data, workdir, "prep")[:4]],
                            check=True, capture_output=True, cwd=ROOT)
         if args.nanogpt:
             prepare_nanogpt(args.nanogpt, data)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 
 import torch
 from torch import nn
@@ -99,13 +100,12 @@ def lr_at(step: int, tcfg: TrainConfig, elapsed: float = 0.0) -> float:
     the rate is the step schedule's exactly).
     """
     decay_steps = tcfg.max_steps if tcfg.decay_steps is None else tcfg.decay_steps
+    by_time = elapsed / (tcfg.max_minutes * 60) if tcfg.schedule == "minutes" else 0.0
     if step < tcfg.warmup_steps:
         ramp = tcfg.lr * (step + 1) / (tcfg.warmup_steps + 1)
-        return min(ramp, _cosine(elapsed / (tcfg.max_minutes * 60), tcfg)) if tcfg.schedule == "minutes" else ramp
+        return min(ramp, _cosine(by_time, tcfg))
     by_steps = 1.0 if step >= decay_steps else (step - tcfg.warmup_steps) / (decay_steps - tcfg.warmup_steps)
-    if tcfg.schedule == "minutes":
-        return _cosine(max(by_steps, elapsed / (tcfg.max_minutes * 60)), tcfg)
-    return _cosine(by_steps, tcfg)
+    return _cosine(max(by_steps, by_time), tcfg)
 
 
 def _cosine(progress: float, tcfg: TrainConfig) -> float:
@@ -153,10 +153,6 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype | None = N
     return (x if wide else x.mT).to(g.dtype)
 
 
-#: what a Muon group's ``ns_dtype`` setting names (absent or None: orthogonalize's default)
-NS_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def newton_schulz_dtype(optimizer: torch.optim.Optimizer, tcfg: TrainConfig, device: torch.device) -> str | None:
     """The dtype Muon's Newton-Schulz iterations run in (``train.muon_ns_dtype``), for a run that starts now.
 
@@ -176,10 +172,7 @@ def newton_schulz_dtype(optimizer: torch.optim.Optimizer, tcfg: TrainConfig, dev
         return "bfloat16"
     if hardware.resolve_dtype("auto", device) != torch.bfloat16:
         return "float32"  # no bf16 units: bf16 matmuls are emulated and slower
-    shapes: dict[tuple, int] = {}
-    for group in groups:
-        for p in group["params"]:
-            shapes[tuple(p.shape)] = shapes.get(tuple(p.shape), 0) + 1
+    shapes = Counter(tuple(p.shape) for group in groups for p in group["params"])
     generator = torch.Generator().manual_seed(0)  # the run's own random streams are not touched
     stacks = [torch.randn(n, *shape, generator=generator) for shape, n in shapes.items()]
     steps = groups[0]["ns_steps"]
@@ -245,7 +238,7 @@ class Muon(torch.optim.Optimizer):
             by_shape.setdefault(tuple(p.shape), []).append(p)
         for (rows, cols), same in by_shape.items():
             nesterov = torch.stack([p.grad.lerp(self.state[p]["momentum_buffer"], mu) for p in same])
-            updates = orthogonalize(nesterov, group["ns_steps"], NS_DTYPES.get(group.get("ns_dtype")))
+            updates = orthogonalize(nesterov, group["ns_steps"], hardware.DTYPES.get(group.get("ns_dtype")))
             for p, update in zip(same, updates):
                 p.add_(update, alpha=-lr * max(1.0, rows / cols) ** 0.5)
 
