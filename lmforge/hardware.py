@@ -98,6 +98,36 @@ def faster_dtype(step, dtypes: tuple[torch.dtype, ...], repeats: int = 2, margin
     return fastest if best[fastest] < margin * best[dtypes[0]] else dtypes[0]
 
 
+@functools.lru_cache(maxsize=None)
+def few_rows_by_columns(threads: int, megabytes: int = 128, repeats: int = 3, margin: float = 0.9) -> tuple[bool, bool]:
+    """Whether a float32 product of 1 and of 2-4 rows runs faster as (W xᵀ)ᵀ than as ``F.linear``'s
+    x Wᵀ, measured once per process and thread count on ``megabytes`` of weights (more than a
+    CPU's last-level cache: decoding streams every weight from memory once per token).
+
+    The two give the same numbers (in another summation order). Some BLAS builds stream W for few
+    rows at a third of the memory bandwidth with the one call and near it with the other; which
+    one depends on the library and the CPU, so it is timed, not assumed."""
+    d_in, d_out = 768, 2048
+    weights = [torch.full((d_out, d_in), 0.01) for _ in range(max(1, megabytes * 2 ** 20 // (4 * d_in * d_out)))]
+    faster = []
+    for rows in (1, 4):
+        x = torch.full((rows, d_in), 0.5)
+        padded = x.expand(2, d_in).contiguous() if rows == 1 else x
+        routes = (lambda: [torch.nn.functional.linear(x, w) for w in weights],
+                  lambda: [torch.mm(w, padded.t()) for w in weights])
+        best = []
+        for route in routes:
+            route()
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                route()
+                times.append(time.perf_counter() - t)
+            best.append(min(times))
+        faster.append(best[1] < margin * best[0])
+    return faster[0], faster[1]
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

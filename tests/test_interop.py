@@ -719,6 +719,7 @@ def test_int8_decoding_stays_close_to_float32(tok):
     ours = from_transformers_gpt2(tok.vocab_size)
     fast = quantize_int8(ours)
     assert isinstance(ours.lm_head, torch.nn.Linear) and ours.lm_head.weight is ours.tok_emb.weight  # untouched
+    assert not any(isinstance(m, torch.nn.Linear) for m in fast.modules())  # every linear layer is int8
     torch.manual_seed(0)
     idx = torch.randint(0, tok.vocab_size, (2, 16))
     with torch.no_grad():

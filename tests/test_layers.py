@@ -10,11 +10,13 @@ from lmforge.model.layers import (
     Block,
     FeedForward,
     LearnedPositionalEncoding,
+    Linear,
     MultiHeadAttention,
     PositionalEncoding,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
+    linear_by_columns,
     make_norm,
     sinusoidal_encoding,
 )
@@ -311,3 +313,42 @@ def test_decoder_block_with_cross_attention():
     h = h + reference_attention(block.cross_attn, block.cross_norm(h), memory).float()
     expected = h + block.ffn(block.ffn_norm(h))
     torch.testing.assert_close(block(x, memory=memory), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (3, 24), (1, 1, 24), (2, 2, 24), (4, 1, 24)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_by_columns_matches_formula(shape, bias):
+    layer = Linear(24, 40, bias=bias)
+    x = torch.randn(shape)
+    y = linear_by_columns(x, layer.weight, layer.bias)
+    assert y.shape == (*shape[:-1], 40) and y.is_contiguous()
+    assert torch.allclose(y.double(), linear64(x, layer), atol=1e-5)
+
+
+@pytest.mark.parametrize("measured", [(True, True), (False, False), (True, False)])
+def test_linear_takes_the_measured_route_for_few_rows(monkeypatch, measured):
+    """1-4 rows in float32 on the CPU go by columns exactly where the probe said so; more rows,
+    other dtypes and autocast never do; every route gives the formula's numbers."""
+    import lmforge.model.layers as layers
+
+    calls = []
+    monkeypatch.setattr(layers.hardware, "few_rows_by_columns", lambda threads: measured)
+    monkeypatch.setattr(layers, "linear_by_columns", lambda *a: calls.append(a[0].shape) or linear_by_columns(*a))
+    layer = Linear(24, 40)
+    for rows, expected in ((1, measured[0]), (3, measured[1]), (4, measured[1]), (5, False)):
+        calls.clear()
+        x = torch.randn(rows, 1, 24)
+        assert torch.allclose(layer(x).double(), linear64(x, layer), atol=1e-5)
+        assert bool(calls) == expected, (rows, measured)
+    calls.clear()
+    layer.double()(torch.randn(1, 24, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.float()(torch.randn(1, 24))
+    assert not calls
+
+
+def test_few_rows_probe_answers_for_one_and_for_several_rows():
+    from lmforge import hardware
+
+    one, few = hardware.few_rows_by_columns(1, megabytes=8, repeats=1)
+    assert isinstance(one, bool) and isinstance(few, bool)

@@ -16,6 +16,7 @@ def quantize_int8(model):
     on a CPU without fast bf16 matmuls this is the fastest way to sample. Outputs are close to
     float32's but not equal, so greedy continuations can differ; embeddings stay float32.
     """
+    import copy
     import warnings
 
     import torch.nn as nn
@@ -26,7 +27,12 @@ def quantize_int8(model):
         raise LMForgeError("this PyTorch build has no dynamic int8 quantization; decode in float32 instead") from None
     if next(model.parameters()).device.type != "cpu":
         raise LMForgeError("int8 quantization runs on the CPU only; move the model to the CPU or keep float32 on GPUs")
+    from lmforge.model.layers import Linear
+
+    model = copy.deepcopy(model).float().eval()
+    for module in model.modules():
+        if type(module) is Linear:  # torch's converter takes exactly nn.Linear; the subclass only adds a route
+            module.__class__ = nn.Linear
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao on every call
         warnings.simplefilter("ignore")
-        quantized = quantize_dynamic(model.float().eval(), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-    return quantized
+        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)

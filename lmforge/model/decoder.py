@@ -14,8 +14,8 @@ import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
-from lmforge.model.layers import (Block, KVCache, embed_tokens, embedding_scale, init_for_scaled_embeddings, init_gpt_style, make_norm,
-                                  position_encoding)
+from lmforge.model.layers import (Block, KVCache, Linear, embed_tokens, embedding_scale, init_for_scaled_embeddings, init_gpt_style,
+                                  make_norm, position_encoding)
 
 
 class DecoderLM(nn.Module):
@@ -29,7 +29,7 @@ class DecoderLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.emb_scale = embedding_scale(cfg)

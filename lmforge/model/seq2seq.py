@@ -31,6 +31,7 @@ from lmforge.model.layers import (
     Block,
     KVCache,
     LearnedPositionalEncoding,
+    Linear,
     MultiHeadAttention,
     PositionalEncoding,
     RotaryEmbedding,
@@ -192,7 +193,7 @@ class Seq2SeqLM(nn.Module):
         self.encoder_norm = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         # output_bias: a bias over the vocabulary (Marian's final_logits_bias)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=cfg.output_bias)
+        self.lm_head = Linear(cfg.d_model, cfg.padded_vocab_size, bias=cfg.output_bias)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.copy_head = CopyHead(cfg.d_model, cfg.block_size) if cfg.copy_attention else None
