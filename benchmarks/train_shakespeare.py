@@ -1,7 +1,7 @@
 """Time to nanoGPT's loss on tinyshakespeare: the reference recipe and the fast recipe, whole processes.
 
     python benchmarks/train_shakespeare.py [--data ../shared/data/tinyshakespeare.txt] [--only reference|fast]
-                                           [--runs 1] [--nanogpt PATH/TO/nanoGPT] [--float32]
+                                           [--runs 1] [--nanogpt PATH/TO/nanoGPT] [--float32] [--avx2]
 
 1. reference: nanoGPT's shakespeare_char CPU line (its README: 4 layers x 4 heads x 128, block 64,
    batch 12, AdamW 1e-3, cosine to 1e-4 over 2000 steps, no dropout) as the lmforge recipe
@@ -11,6 +11,10 @@
    whatever lmforge offers. With ``--float32`` also "fast-float32": the same recipe with every
    measured dtype choice pinned to float32 (Muon's Newton-Schulz included), which is what a CPU
    without bf16 units runs.
+3. ``--avx2`` runs every process (nanoGPT's too) as on a CPU with AVX2 and neither AVX-512 nor bf16
+   units: PyTorch's kernels, oneDNN and MKL are each limited to AVX2 (``AVX2_ONLY``), so bf16
+   matmuls fall back to slow code and every measured choice (the dtype probe, Muon's
+   Newton-Schulz dtype) decides as it would there.
 
 Each run is a whole process, timed from the moment it is started (``python -m lmforge train``,
 imports, data checks, the dtype probe and all evaluations included) to the end of the first
@@ -46,6 +50,8 @@ NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=F
                 "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
                 "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
 LMFORGE = [sys.executable, "-m", "lmforge"]
+#: the instruction-set limits of a CPU with AVX2 only, for PyTorch's own kernels, oneDNN and MKL
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 #: the fast recipe as it runs on a CPU without bf16 units (measured choices pinned to float32)
@@ -136,7 +142,11 @@ def main() -> None:
     parser.add_argument("--float32", action="store_true",
                         help="also run the fast recipe with every dtype choice pinned to float32, as a CPU "
                              "without bf16 units runs it")
+    parser.add_argument("--avx2", action="store_true",
+                        help="run every process with PyTorch, oneDNN and MKL limited to AVX2 (no AVX-512, no bf16 units)")
     args = parser.parse_args()
+    if args.avx2:
+        os.environ.update(AVX2_ONLY)  # inherited by every process started below
     data = str(Path(args.data).resolve())
     if not Path(data).is_file():
         sys.exit(f"error: {args.data} not found; pass --data PATH to tinyshakespeare.txt")
@@ -146,7 +156,7 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {n: [] for n in (["nanoGPT"] if args.nanogpt else []) + names}
     with tempfile.TemporaryDirectory() as workdir:
-        env_note = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+        env_note = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", *AVX2_ONLY)}
         # each recipe's data is prepared once, before any clock starts, as nanoGPT's prepare.py
         for recipe in dict.fromkeys(VARIANTS.get(n, (n,))[0] for n in names):
             subprocess.run([*LMFORGE, "prepare", *lmforge_args(recipe, data, workdir, "prep")[:4]],
