@@ -125,15 +125,21 @@ class CopyHead(nn.Module):
             scores = scores.masked_fill(~src_mask.bool()[:, None, :], float("-inf"))
         attn = scores.softmax(dim=-1)
         gate = self.gate(torch.cat([h, attn.to(mem.dtype) @ mem], dim=-1)).float()  # [B, T, 1]
-        log_generate = F.logsigmoid(gate) + logits.float().log_softmax(dim=-1)
+        log_generate = F.logsigmoid(gate) + logits.float().log_softmax(dim=-1)  # [B, T, V]
+        # Only the source's tokens get a copy share, so the mixture is computed there and added
+        # on: log P(y) = log_generate(y) + softplus(log copy(y) + log(1 - p_gen) - log_generate(y)).
+        # copy(y) at a source position s sums the attention of every position holding its token;
+        # a token that occurs several times is written once (at its first occurrence).
         B, T, S = attn.shape
-        copy = attn.new_zeros(B, T, logits.size(-1)).scatter_add_(2, src[:, None, :].expand(B, T, S), attn)
-        # log of the copy share where a token has any; -inf elsewhere, written so that the
-        # gradient stays finite (log is never evaluated at 0)
-        has = copy > 0
-        log_copy = torch.where(has, torch.log(torch.where(has, copy, torch.ones_like(copy))) + F.logsigmoid(-gate),
-                               torch.full_like(copy, float("-inf")))
-        return torch.logaddexp(log_generate, log_copy)
+        same = src[:, :, None] == src[:, None, :]  # [B, S, S]
+        share = attn @ same.to(attn.dtype)  # [B, T, S]: copy(src[b, s]) at step t
+        first = ~(same & torch.ones(S, S, dtype=torch.bool, device=src.device).tril(-1)).any(-1)  # [B, S]
+        index = src[:, None, :].expand(B, T, S)
+        has = (share > 0) & first[:, None, :]
+        # where the share is 0 nothing is added, and log is never evaluated at 0 (finite gradients)
+        log_share = torch.log(torch.where(has, share, torch.ones_like(share)))
+        added = F.softplus(log_share + F.logsigmoid(-gate) - log_generate.gather(2, index))
+        return log_generate.scatter_add(2, index, torch.where(has, added, torch.zeros_like(added)))
 
 
 class Seq2SeqBlock(Block):
