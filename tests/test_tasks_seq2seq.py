@@ -137,6 +137,20 @@ def test_metrics_equal_the_libraries_numbers():
         metrics.bleu(HYPS[:2], REFS[:1])
 
 
+
+def test_names_kept_counts_the_names_a_reference_carries_over_from_its_source():
+    sources = ["And Elimelech Naomi's husband died in Beth-lehem-judah", "Then Mordecai went out", "and he said"]
+    references = ["Y murió Elimelech, marido de Noemi, en Beth-lehem-judah", "Mardoqueo salió", "y él dijo"]
+    # names carried over unchanged: {Elimelech, Beth-lehem-judah} in the first pair ("Noemi" is not in the
+    # source, "Y" is the first word), none in the others (Mardoqueo differs from Mordecai)
+    hypotheses = ["Y murió Eliseo en Beth-lehem-judah", "Mordecai salió", "y dijo"]
+    assert metrics.names_kept(sources, hypotheses, references) == pytest.approx(50.0)
+    assert metrics.names_kept(sources, references, references) == pytest.approx(100.0)
+    assert metrics.names_kept(sources[1:], hypotheses[1:], references[1:]) is None
+    got = metrics.score(["bleu", "chrf", "names"], hypotheses, references, sources)
+    assert got["names"] == pytest.approx(50.0) and got.keys() == {"bleu", "chrf", "names"}
+    assert "names" not in metrics.score(["bleu", "names"], hypotheses[1:], references[1:], sources[1:])
+
 # ------------------------------------------------------------------------------------------- end to end
 
 TINY = ["--model.n_layer=1", "--model.n_encoder_layer=1", "--model.n_head=2", "--model.d_model=32",

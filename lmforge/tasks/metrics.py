@@ -3,7 +3,9 @@
 BLEU and chrF are corpus-level with sacrebleu's defaults (13a tokenization, one reference per
 segment), so the numbers compare with published sacrebleu scores. ROUGE is the mean over
 examples of each example's F-measure, with the Porter stemmer (as in most summarization papers).
-All scores are on a 0-100 scale.
+"names" (translation) is the share of names carried over as they are: of the capitalised words
+of each reference (its first word aside) that its source also contains, spelt alike, the share
+its output contains. All scores are on a 0-100 scale.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from typing import Sequence
 
 from lmforge.errors import LMForgeError
 
-METRICS = ("bleu", "chrf", "rouge1", "rouge2", "rougeL")
+METRICS = ("bleu", "chrf", "names", "rouge1", "rouge2", "rougeL")
+
+_WORD = re.compile(r"\w+(?:[-'’]\w+)*")
 
 
 def _check(hypotheses: Sequence[str], references: Sequence[str]) -> None:
@@ -62,8 +66,23 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
     return {kind: 100.0 * total / len(references) for kind, total in totals.items()}
 
 
-def score(names: Sequence[str], hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """The metrics in ``names`` (any of METRICS) of the hypotheses against the references."""
+def names_kept(sources: Sequence[str], hypotheses: Sequence[str], references: Sequence[str]) -> float | None:
+    """Of the names each reference carries over from its source unchanged (capitalised words past
+    the reference's first that the source also contains), the share (0-100) the hypothesis has
+    too; None when no reference carries any."""
+    _check(hypotheses, references)
+    kept = total = 0
+    for source, hyp, ref in zip(sources, hypotheses, references):
+        names = {w for w in _WORD.findall(ref)[1:] if w[0].isupper()} & set(_WORD.findall(source))
+        kept += len(names & set(_WORD.findall(hyp)))
+        total += len(names)
+    return 100.0 * kept / total if total else None
+
+
+def score(names: Sequence[str], hypotheses: Sequence[str], references: Sequence[str],
+          sources: Sequence[str] | None = None) -> dict[str, float]:
+    """The metrics in ``names`` (any of METRICS) of the hypotheses against the references; "names"
+    needs the sources and is left out when no reference carries a name over."""
     out: dict[str, float] = {}
     for name in names:
         if name not in METRICS:
@@ -72,6 +91,8 @@ def score(names: Sequence[str], hypotheses: Sequence[str], references: Sequence[
         out["bleu"] = bleu(hypotheses, references)
     if "chrf" in names:
         out["chrf"] = chrf(hypotheses, references)
+    if "names" in names and sources is not None and (kept := names_kept(sources, hypotheses, references)) is not None:
+        out["names"] = kept
     if any(n.startswith("rouge") for n in names):
         out.update(rouge(hypotheses, references))
     return out

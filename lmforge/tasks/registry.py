@@ -41,7 +41,7 @@ class TaskSpec:
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("lm", "lmforge.tasks.lm:LanguageModel", "shakespeare-char", ("perplexity",), "generate"),
-    TaskSpec("translation", "lmforge.tasks.seq2seq:SequenceToSequence", "translation-bible", ("bleu", "chrf"),
+    TaskSpec("translation", "lmforge.tasks.seq2seq:SequenceToSequence", "translation-bible", ("bleu", "chrf", "names"),
              "translate"),
     TaskSpec("summarization", "lmforge.tasks.seq2seq:SequenceToSequence", "summarization-bbc",
              ("rouge1", "rouge2", "rougeL"), "summarize", "document", "summary"),

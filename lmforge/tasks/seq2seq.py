@@ -173,7 +173,8 @@ def score_examples(task_model: TaskModel, texts: list[tuple[str, str]], sources:
     outputs = decode_ids(task_model.model, fmt, [fmt.source(s) for s in sources], decoding, batch_size)
     seconds = time.perf_counter() - start
     hyps = task_model.output_texts([s for s, _ in texts], outputs)
-    scores = task_metrics.score(task_metric_names(task_model.cfg.task.name), hyps, [t for _, t in texts])
+    scores = task_metrics.score(task_metric_names(task_model.cfg.task.name), hyps, [t for _, t in texts],
+                                [s for s, _ in texts])
     return scores, hyps, len(hyps) / max(seconds, 1e-9)
 
 
