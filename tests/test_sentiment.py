@@ -155,3 +155,30 @@ def test_resume_is_exact(tmp_path, capsys):
     a = load_file(tmp_path / "a" / "checkpoints" / "step_000006" / "model.safetensors")
     b = load_file(tmp_path / "b" / "checkpoints" / "step_000006" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fresh_lr_scale_speeds_up_the_head_only(tmp_path, capsys):
+    """The head (what the trunk's checkpoint does not fill) learns train.fresh_lr_scale times faster:
+    after one AdamW step (each entry moves by about the rate) it has moved ~100x the trunk."""
+    from safetensors.torch import load_file
+
+    trunk = make_trunk(tmp_path, "encoder")
+    from lmforge.train.checkpoint import latest_checkpoint
+
+    start = load_file(latest_checkpoint(trunk) / "model.safetensors")
+    train = write(tmp_path / "train.tsv", toy_rows(40, 1))
+    moved = {}
+    for scale in (1, 100):
+        out = tmp_path / f"s{scale}"
+        main(["finetune", "sentiment", "--train", str(train), "--init-from", str(trunk), "-q", "--train.lr=1e-5",
+              "--train.min_lr=1e-5", "--train.warmup_steps=0", "--train.weight_decay=0", "--train.max_steps=1",
+              "--train.eval_interval=0", "--train.batch_size=8", "--train.dtype=float32", "--model.dropout=0",
+              f"--train.fresh_lr_scale={scale}", f"--train.out_dir={out}"])
+        end = load_file(out / "checkpoints" / "step_000001" / "model.safetensors")
+        trunk_moved = max((end["trunk." + k] - v).abs().max().item() for k, v in start.items())
+        head_moved = end["classifier.bias"].abs().max().item()  # starts at 0: its size is its update
+        moved[scale] = (trunk_moved, head_moved)
+    capsys.readouterr()
+    (t1, h1), (t100, h100) = moved[1], moved[100]
+    assert t1 == pytest.approx(t100, rel=0.5)  # the trunk's rate is the same in both runs
+    assert h100 > 20 * h1  # the head's is 100x

@@ -217,7 +217,10 @@ class HeadObjective(Objective):
         return self.run.out_dir / ckpt_io.TOKENIZER
 
     def build_model(self) -> nn.Module:
-        return build_head_model(self.run.cfg, self.trunk)
+        model = build_head_model(self.run.cfg, self.trunk)
+        # what the trunk's checkpoint does not fill, for train.fresh_lr_scale: the head, LoRA's adapters
+        self.run.fresh = [n for n, _ in model.named_parameters() if not n.startswith("trunk.") or ".lora_" in n]
+        return model
 
     def describe(self, model: nn.Module) -> str:
         cfg = self.run.cfg
