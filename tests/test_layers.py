@@ -327,8 +327,9 @@ def test_linear_by_columns_matches_formula(shape, bias):
 
 @pytest.mark.parametrize("measured", [(True, True), (False, False), (True, False)])
 def test_linear_takes_the_measured_route_for_few_rows(monkeypatch, measured):
-    """1-4 rows in float32 on the CPU go by columns exactly where the probe said so; more rows,
-    other dtypes and autocast never do; every route gives the formula's numbers."""
+    """1-4 rows in float32 on the CPU without gradients go by columns exactly where the probe said
+    so; more rows, gradients, other dtypes and autocast never do; every route gives the formula's
+    numbers."""
     import lmforge.model.layers as layers
 
     calls = []
@@ -338,12 +339,15 @@ def test_linear_takes_the_measured_route_for_few_rows(monkeypatch, measured):
     for rows, expected in ((1, measured[0]), (3, measured[1]), (4, measured[1]), (5, False)):
         calls.clear()
         x = torch.randn(rows, 1, 24)
-        assert torch.allclose(layer(x).double(), linear64(x, layer), atol=1e-5)
+        with torch.no_grad():
+            assert torch.allclose(layer(x).double(), linear64(x, layer), atol=1e-5)
         assert bool(calls) == expected, (rows, measured)
     calls.clear()
-    layer.double()(torch.randn(1, 24, dtype=torch.float64))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        layer.float()(torch.randn(1, 24))
+    layer(torch.randn(1, 24))  # with gradients: training's numbers never change
+    with torch.no_grad():
+        layer.double()(torch.randn(1, 24, dtype=torch.float64))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer.float()(torch.randn(1, 24))
     assert not calls
 
 

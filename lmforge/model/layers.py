@@ -23,14 +23,15 @@ from lmforge.config import ModelConfig
 
 class Linear(nn.Linear):
     """``nn.Linear`` (y = x Wᵀ + b, same parameters and state dict) whose products with 1-4 rows on
-    the CPU in float32 (decoding: one new token per sequence or beam) may take an equivalent BLAS
+    the CPU in float32 without gradients (decoding: one new token per sequence or beam; training
+    is never affected) may take an equivalent BLAS
     call, y = (W xᵀ)ᵀ + b, where ``hardware.few_rows_by_columns`` measured it faster on this
     machine; a single row is then computed twice (some BLAS builds read W at a third of the
     memory bandwidth for one row and near it for two)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
-        if (1 <= rows <= 4 and x.dtype == torch.float32 and x.device.type == "cpu"
+        if (1 <= rows <= 4 and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled()
                 and not torch.is_autocast_enabled("cpu")):
             one, few = hardware.few_rows_by_columns(torch.get_num_threads())
             if one if rows == 1 else few:
