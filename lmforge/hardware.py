@@ -82,10 +82,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def faster_dtype(step, dtypes: tuple[torch.dtype, ...], repeats: int = 2, margin: float = 0.9) -> torch.dtype:
+def faster_dtype(step, dtypes: tuple, repeats: int = 2, margin: float = 0.9):
     """The first of ``dtypes`` unless another runs ``step(dtype)`` in under ``margin`` of its time
-    (best of ``repeats`` after one warm-up call each): a measured choice, not a guess."""
-    best: dict[torch.dtype, float] = {}
+    (best of ``repeats`` after one warm-up call each): a measured choice, not a guess. The choices
+    may be any labels ``step`` understands (``few_rows_by_columns`` times two BLAS calls)."""
+    best: dict = {}
     for dtype in dtypes:
         step(dtype)
         times = []
@@ -113,18 +114,9 @@ def few_rows_by_columns(threads: int, megabytes: int = 128, repeats: int = 3, ma
     for rows in (1, 4):
         x = torch.full((rows, d_in), 0.5)
         padded = x.expand(2, d_in).contiguous() if rows == 1 else x
-        routes = (lambda: [torch.nn.functional.linear(x, w) for w in weights],
-                  lambda: [torch.mm(w, padded.t()) for w in weights])
-        best = []
-        for route in routes:
-            route()
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                route()
-                times.append(time.perf_counter() - t)
-            best.append(min(times))
-        faster.append(best[1] < margin * best[0])
+        routes = {"linear": lambda: [torch.nn.functional.linear(x, w) for w in weights],
+                  "columns": lambda: [torch.mm(w, padded.t()) for w in weights]}
+        faster.append(faster_dtype(lambda route: routes[route](), tuple(routes), repeats, margin) == "columns")
     return faster[0], faster[1]
 
 
