@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
+from lmforge.model.dropout import Dropout
 from lmforge.model.layers import (Block, KVCache, Linear, embed_tokens, embedding_scale, init_for_scaled_embeddings, init_gpt_style,
                                   make_norm, position_encoding)
 
@@ -26,7 +27,7 @@ class DecoderLM(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.pos_emb, self.rotary = position_encoding(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.lm_head = Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)

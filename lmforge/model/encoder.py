@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
+from lmforge.model.dropout import Dropout
 from lmforge.model.layers import embed_tokens, embedding_scale, init_for_scaled_embeddings, init_gpt_style, make_norm, position_encoding
 from lmforge.model.seq2seq import Seq2SeqBlock
 
@@ -55,7 +56,7 @@ class EncoderModel(nn.Module):
         self.pos_emb, self.rotary = position_encoding(cfg)
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder = Encoder(cfg)
         self.pooler = nn.Linear(cfg.d_model, cfg.d_model, bias=True) if cfg.pooler else None
         self.emb_scale = embedding_scale(cfg)

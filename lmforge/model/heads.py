@@ -21,6 +21,7 @@ import torch.nn.functional as F
 # pad_batch and pad_labels are not used here: they are imported for the tasks that batch inputs for the heads
 from lmforge.data.padding import IGNORE_INDEX, pad_batch, pad_labels  # noqa: F401
 from lmforge.errors import LMForgeError
+from lmforge.model.dropout import Dropout
 from lmforge.model.layers import embed_tokens
 
 
@@ -90,7 +91,7 @@ class SequenceClassifier(nn.Module):
             raise LMForgeError(f"a classifier needs at least 2 labels, got {n_labels}; check the label column")
         self.trunk = trunk
         self.pooling = resolve_pooling(pooling, trunk)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.classifier = nn.Linear(trunk.cfg.d_model, n_labels)
         nn.init.normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)
@@ -118,7 +119,7 @@ class TokenClassifier(nn.Module):
         self.indicator = nn.Embedding(n_indicator, d) if n_indicator else None
         if self.indicator is not None:
             self._init_indicator(trunk)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.classifier = nn.Linear(d, n_labels)
         nn.init.normal_(self.classifier.weight, std=0.02)
         nn.init.zeros_(self.classifier.bias)

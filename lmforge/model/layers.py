@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from lmforge import hardware
 from lmforge.config import ModelConfig
+from lmforge.model.dropout import Dropout, dropout
 
 # ----------------------------------------------------------------------------------------------
 # Linear layers
@@ -260,6 +261,26 @@ def attention_mask(
     return mask
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+           causal: bool = False, dropout_p: float = 0.0, scale: float) -> torch.Tensor:
+    """softmax(q kᵀ · scale, masked) v over [B, H, T, D] x [B, H, S, D]; ``mask`` bool, True = may look.
+
+    ``F.scaled_dot_product_attention``, except while dropping attention weights on the CPU: the
+    same formula is then written out, so that the weights' mask comes from :func:`dropout` (torch's
+    math path draws it with the slow ``bernoulli_``). Every query here has at least one key it may
+    look at (see :func:`attention_mask`).
+    """
+    if dropout_p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
+                                              scale=scale)
+    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
+    if causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril_()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(dropout(scores.softmax(-1), dropout_p), v)
+
+
 class MultiHeadAttention(nn.Module):
     """softmax(Q K^T / sqrt(d_head) + mask) V, per head, then the output projection.
 
@@ -325,11 +346,8 @@ class MultiHeadAttention(nn.Module):
         if not (plain_causal or no_mask_needed):
             mask = attention_mask(T, k_len, causal=causal, key_padding_mask=key_padding_mask,
                                   offset=offset, device=x.device)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=plain_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=1.0 / math.sqrt(self.head_dim),  # the 1/sqrt(d_head) the article left out
-        )
+        y = attend(q, k, v, mask, causal=plain_causal, dropout_p=self.dropout if self.training else 0.0,
+                   scale=1.0 / math.sqrt(self.head_dim))  # the 1/sqrt(d_head) the article left out
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 
@@ -382,7 +400,7 @@ class Block(nn.Module):
             self.cross_attn = MultiHeadAttention(cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.bias, cfg.dropout)
         self.ffn_norm = make_norm(cfg)
         self.ffn = FeedForward(cfg.d_model, cfg.ff_dim, cfg.ffn, cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(
         self,

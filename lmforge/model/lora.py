@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn as nn
 
+from lmforge.model.dropout import Dropout
+
 #: the Linear layers that get adapters: attention projections and feed-forward weights
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -26,7 +28,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's own init
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         for p in base.parameters():
             p.requires_grad_(False)
 

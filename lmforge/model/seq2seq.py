@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from lmforge.config import ModelConfig
 from lmforge.errors import LMForgeError
 from lmforge.model.decoder import DecoderLM
+from lmforge.model.dropout import Dropout
 from lmforge.model.layers import (
     Block,
     KVCache,
@@ -35,6 +36,7 @@ from lmforge.model.layers import (
     MultiHeadAttention,
     PositionalEncoding,
     RotaryEmbedding,
+    attend,
     embed_tokens,
     embedding_scale,
     init_for_scaled_embeddings,
@@ -71,8 +73,7 @@ class CrossAttention(MultiHeadAttention):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         mask = None if key_padding_mask is None else key_padding_mask.bool()[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                           scale=1.0 / math.sqrt(self.head_dim))
+        y = attend(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0, scale=1.0 / math.sqrt(self.head_dim))
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -192,7 +193,7 @@ class Seq2SeqLM(nn.Module):
         # embed_norm: a norm over the summed embeddings of each side (an encoder-decoder started from BERT)
         self.src_embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.encoder_blocks = nn.ModuleList(Seq2SeqBlock(cfg) for _ in range(self.n_encoder_layer))
         self.blocks = nn.ModuleList(Seq2SeqBlock(cfg, cross_attention=True) for _ in range(cfg.n_layer))
         # Post-norm blocks already end in a norm; pre-norm stacks need one at the top.
