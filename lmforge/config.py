@@ -378,6 +378,10 @@ class TaskConfig:
     no_repeat_ngram_size: int = 0
     #: never put a token right after itself ("mart mart", "28bnbn"); off for character-level models
     no_immediate_repeat: bool = False
+    #: never begin two words of an output with the same token: with a WordPiece vocabulary, where most
+    #: words are one token, no word is written twice ("U2, U2 to rock U2"); with BPE, no word-initial
+    #: piece; no effect with a character-level tokenizer
+    no_repeat_words: bool = False
     #: output length limit = max_len_a * source tokens + max_len_b (end token included)
     max_len_a: float = 1.5
     #: see max_len_a

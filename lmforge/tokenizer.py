@@ -60,6 +60,8 @@ class Tokenizer:
         self.eot_id: int | None = hf.token_to_id(self.special_tokens[0]) if self.special_tokens else None
         self._char_table = self._build_char_table() if is_char else None
         self._fast_bpe: object = None if is_char else _UNCHECKED  # see _fast_encoder
+        self._model_spec = {k: model.get(k) for k in ("type", "continuing_subword_prefix")}
+        self._word_initial: frozenset[int] | None = None
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -223,6 +225,25 @@ class Tokenizer:
 
     def stream_decoder(self) -> StreamDecoder:
         return StreamDecoder(self)
+
+    def word_initial_ids(self) -> frozenset[int]:
+        """Ids of the tokens that begin a word and hold a letter or digit: a WordPiece's tokens without
+        its continuation mark (``##``); a BPE's or unigram's tokens that start with the space mark
+        (``Ġ`` byte-level, ``▁`` SentencePiece). Empty for a character-level tokenizer, whose tokens
+        are letters, and special tokens are never included."""
+        if self._word_initial is None:
+            special = set(self._hf.get_added_tokens_decoder())
+            if self.kind == "char":
+                starts = frozenset()
+            elif self._model_spec["type"] == "WordPiece":
+                mark = self._model_spec["continuing_subword_prefix"] or "##"
+                starts = frozenset(i for t, i in self._hf.get_vocab().items()
+                                   if not t.startswith(mark) and any(c.isalnum() for c in t))
+            else:
+                starts = frozenset(i for t, i in self._hf.get_vocab().items()
+                                   if t[:1] in ("Ġ", "▁") and any(c.isalnum() for c in t[1:]))
+            self._word_initial = starts - special
+        return self._word_initial
 
     def id_to_token(self, i: int) -> str | None:
         return self._hf.id_to_token(i)

@@ -164,7 +164,8 @@ def test_length_limits_and_no_repeat_ngrams():
         outs = beam.decode(beam.Seq2SeqState(m, SOURCES, 2, 3, 4), [4, 2, 3, 1], EOS, **kw)
         assert [len(o) <= limit - 1 for o, limit in zip(outs, [4, 2, 3, 1])] == [True] * 4
         assert outs[3] == []  # a limit of 1 leaves room for <eos> only
-        outs = beam.decode(beam.Seq2SeqState(m, SOURCES, 2, 3, 20), [20] * 4, EOS, no_repeat_ngram_size=2, **kw)
+        outs = beam.decode(beam.Seq2SeqState(m, SOURCES, 2, 3, 20), [20] * 4, EOS,
+                           constraints=beam.Constraints(no_repeat_ngram_size=2), **kw)
         for o in outs:
             bigrams = list(zip(o, o[1:]))
             assert len(bigrams) == len(set(bigrams))
@@ -175,10 +176,27 @@ def test_no_immediate_repeat():
     for search in ("greedy", "beam"):
         kw = {} if search == "greedy" else {"beam_size": 3}
         plain = beam.decode(beam.Seq2SeqState(m, SOURCES, 2, 3, 20), [20] * 4, EOS, **kw)
-        outs = beam.decode(beam.Seq2SeqState(m, SOURCES, 2, 3, 20), [20] * 4, EOS, no_immediate_repeat=True, **kw)
+        outs = beam.decode(beam.Seq2SeqState(m, SOURCES, 2, 3, 20), [20] * 4, EOS,
+                           constraints=beam.Constraints(no_immediate_repeat=True), **kw)
         assert any(a == b for o in plain for a, b in zip(o, o[1:])), "the toy model should repeat without the ban"
         for o in outs:
             assert all(a != b for a, b in zip(o, o[1:])), o
+
+
+def test_tokens_allowed_once():
+    """no_repeat_words' mechanism: the tokens of ``once`` stand at most once in an output, others freely."""
+    m = tiny_seq2seq()
+    for search in ("greedy", "beam"):
+        kw = {} if search == "greedy" else {"beam_size": 3}
+        plain = beam.decode(beam.Seq2SeqState(m, SOURCES, 2, 3, 20), [20] * 4, EOS, **kw)
+        repeated = {t for o in plain for t in o if o.count(t) > 1}
+        assert repeated, "the toy model should repeat tokens without the ban"
+        once = frozenset(sorted(repeated)[: max(1, len(repeated) // 2)])
+        outs = beam.decode(beam.Seq2SeqState(m, SOURCES, 2, 3, 20), [20] * 4, EOS,
+                           constraints=beam.Constraints(once=once), **kw)
+        for o in outs:
+            assert all(o.count(t) <= 1 for t in once), (o, once)
+        assert outs != plain
 
 
 def test_banned_ngram_tokens():

@@ -50,3 +50,17 @@ def test_lossless_tokenizer_output_is_its_decoding():
     assert lossless(tok, text)
     ids = tok.encode("sued over $28bn. wal")
     assert surface_text(tok, text, ids) == tok.decode(ids).strip() == "sued over $28bn. wal"
+
+
+def test_word_initial_ids(wordpiece):
+    """no_repeat_words' tokens: WordPiece words without ## and punctuation; BPE's space-marked words."""
+    names = {wordpiece.id_to_token(i) for i in wordpiece.word_initial_ids()}
+    assert {"wal", "mart", "yu", "28", "owner"} <= names
+    assert not names & {"##bn", "##kos", "-", "$", "'", ","}
+    bpe = Tokenizer.train(["the owner sued the owner over lyrics, and the owner paid. " * 20], kind="bpe",
+                          vocab_size=300)
+    words = {bpe.id_to_token(i) for i in bpe.word_initial_ids()}
+    assert "Ġowner" in words and all(w.startswith("Ġ") and w[1:].strip(",.") for w in words)
+    assert not words & set(bpe.special_tokens)
+    char = Tokenizer.train(["abc abc"], kind="char")
+    assert char.word_initial_ids() == frozenset()

@@ -115,16 +115,41 @@ def banned_ngram_tokens(tokens: Sequence[int], n: int) -> set[int]:
     return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
 
 
-def _constrain(logp: torch.Tensor, rows: list[tuple[Sequence[int], bool]], eos_id: int, no_repeat: int,
-               no_immediate_repeat: bool = False) -> torch.Tensor:
-    """Ban repeated n-grams (and with ``no_immediate_repeat`` a token right after itself), and allow
-    only <eos> on rows at their length limit. rows[i] = (tokens, at_limit)."""
-    if no_repeat > 0 or no_immediate_repeat:
+@dataclass(frozen=True)
+class Constraints:
+    """What an output may not do: repeat an n-gram of ``no_repeat_ngram_size`` tokens, put a token
+    right after itself (``no_immediate_repeat``), or hold a token of ``once`` twice (the task's
+    ``no_repeat_words``: the tokenizer's word-initial tokens, so that no word begins twice)."""
+
+    no_repeat_ngram_size: int = 0
+    no_immediate_repeat: bool = False
+    once: frozenset[int] = frozenset()
+
+    @property
+    def active(self) -> bool:
+        return self.no_repeat_ngram_size > 0 or self.no_immediate_repeat or bool(self.once)
+
+    def banned(self, tokens: Sequence[int]) -> set[int]:
+        """The tokens that may not come after ``tokens``."""
+        banned = banned_ngram_tokens(tokens, self.no_repeat_ngram_size)
+        if self.no_immediate_repeat and tokens:
+            banned.add(tokens[-1])
+        if self.once:
+            banned.update(t for t in tokens if t in self.once)
+        return banned
+
+
+NONE = Constraints()
+
+
+def _constrain(logp: torch.Tensor, rows: list[tuple[Sequence[int], bool]], eos_id: int,
+               constraints: Constraints = NONE) -> torch.Tensor:
+    """Ban what ``constraints`` forbid (never <eos>), and allow only <eos> on rows at their length
+    limit. rows[i] = (tokens, at_limit)."""
+    if constraints.active:
         ban_rows, ban_tokens = [], []
         for r, (tokens, _) in enumerate(rows):
-            banned = banned_ngram_tokens(tokens, no_repeat)
-            if no_immediate_repeat and tokens:
-                banned.add(tokens[-1])
+            banned = constraints.banned(tokens)
             banned.discard(eos_id)
             ban_rows += [r] * len(banned)
             ban_tokens += banned
@@ -143,7 +168,7 @@ def _constrain(logp: torch.Tensor, rows: list[tuple[Sequence[int], bool]], eos_i
 
 @torch.no_grad()
 def greedy_search(state: DecodeState, max_lens: Sequence[int], eos_id: int,
-                  no_repeat_ngram_size: int = 0, no_immediate_repeat: bool = False) -> list[list[int]]:
+                  constraints: Constraints = NONE) -> list[list[int]]:
     """The most likely token at each step, per source, until <eos> or ``max_lens[i]`` tokens
     (<eos> included, and not returned)."""
     outputs: list[list[int]] = [[] for _ in max_lens]
@@ -152,9 +177,8 @@ def greedy_search(state: DecodeState, max_lens: Sequence[int], eos_id: int,
     t = 0
     while True:
         logp = logits.float()
-        if no_repeat_ngram_size > 0 or no_immediate_repeat or any(t + 1 >= max_lens[i] for i in alive):
-            logp = _constrain(logp.clone(), [(outputs[i], t + 1 >= max_lens[i]) for i in alive], eos_id,
-                              no_repeat_ngram_size, no_immediate_repeat)
+        if constraints.active or any(t + 1 >= max_lens[i] for i in alive):
+            logp = _constrain(logp.clone(), [(outputs[i], t + 1 >= max_lens[i]) for i in alive], eos_id, constraints)
         chosen = logp.argmax(dim=-1)
         keep = []
         for r, (i, token) in enumerate(zip(alive, chosen.tolist())):
@@ -188,8 +212,8 @@ def length_normalized(log_prob: float, length: int, length_penalty: float) -> fl
 
 @torch.no_grad()
 def beam_search(state: DecodeState, max_lens: Sequence[int], eos_id: int, beam_size: int = 4,
-                length_penalty: float = 1.0, early_stopping: bool = True, no_repeat_ngram_size: int = 0,
-                no_immediate_repeat: bool = False) -> list[list[Hypothesis]]:
+                length_penalty: float = 1.0, early_stopping: bool = True,
+                constraints: Constraints = NONE) -> list[list[Hypothesis]]:
     """Finished hypotheses of each source, best first (see the module docstring)."""
     K = beam_size
     n = len(max_lens)
@@ -204,7 +228,7 @@ def beam_search(state: DecodeState, max_lens: Sequence[int], eos_id: int, beam_s
         logp = F.log_softmax(logits.float(), dim=-1).double()
         V = logp.size(-1)
         rows = [(beams[i][b], t + 1 >= max_lens[i]) for i in alive for b in range(width)]
-        logp = _constrain(logp, rows, eos_id, no_repeat_ngram_size, no_immediate_repeat)
+        logp = _constrain(logp, rows, eos_id, constraints)
         candidates = (scores.to(logp.device).reshape(-1, 1) + logp).reshape(len(alive), width * V)
         top_scores, top_index = candidates.topk(min(2 * K, width * V), dim=1)
         top_scores, top_index = top_scores.tolist(), top_index.tolist()
@@ -265,11 +289,9 @@ def _done(finished: list[Hypothesis], best_live: float, K: int, t: int, max_len:
 
 
 def decode(state: DecodeState, max_lens: Sequence[int], eos_id: int, beam_size: int = 1, length_penalty: float = 1.0,
-           early_stopping: bool = True, no_repeat_ngram_size: int = 0, no_immediate_repeat: bool = False,
-           ) -> list[list[int]]:
+           early_stopping: bool = True, constraints: Constraints = NONE) -> list[list[int]]:
     """The output tokens of each source: greedy for beam_size 1, else the best beam hypothesis."""
     if beam_size <= 1:
-        return greedy_search(state, max_lens, eos_id, no_repeat_ngram_size, no_immediate_repeat)
-    hyps = beam_search(state, max_lens, eos_id, beam_size, length_penalty, early_stopping, no_repeat_ngram_size,
-                       no_immediate_repeat)
+        return greedy_search(state, max_lens, eos_id, constraints)
+    hyps = beam_search(state, max_lens, eos_id, beam_size, length_penalty, early_stopping, constraints)
     return [h[0].tokens if h else [] for h in hyps]

@@ -28,11 +28,11 @@ class TaskService:
 
     def _decode(self, texts: list[str], decoding) -> list[tuple[int, int, str, str]]:
         """(source tokens, output tokens, text, finish reason) per text, as ``TaskModel.generate`` decodes."""
-        from lmforge.tasks.model import decode_ids, output_limit
+        from lmforge.tasks.model import output_limit
 
         tm = self.b.model
         sources, _ = tm.encode_sources(texts)
-        outputs = decode_ids(tm.model, tm.fmt, sources, decoding)
+        outputs = tm.decode_ids(sources, decoding)
         return [(len(s), len(o), text, "length" if len(o) + 1 >= output_limit(tm.model.cfg, len(s), decoding) else "stop")
                 for s, o, text in zip(sources, outputs, tm.output_texts(texts, outputs))]
 

@@ -32,7 +32,7 @@ from lmforge.lock import DirectoryLock
 from lmforge.tasks import metrics as task_metrics
 from lmforge.tasks.data import LengthReport, ReadReport, TokenBatcher, limit_lengths, read_examples, sorted_batches
 from lmforge.tasks.format import Batch, SpecialIds, TaskFormat, sequence_loss, task_special_tokens
-from lmforge.tasks.model import (SEQ2SEQ_TASKS, Decoding, TaskModel, decode_ids, warm_start, warm_start_config,
+from lmforge.tasks.model import (SEQ2SEQ_TASKS, Decoding, TaskModel, warm_start, warm_start_config,
                                  warm_start_state)
 from lmforge.train import checkpoint as ckpt_io
 from lmforge.train import distributed as dist_io
@@ -170,7 +170,7 @@ def score_examples(task_model: TaskModel, texts: list[tuple[str, str]], sources:
     sentences per second)."""
     fmt = task_model.fmt
     start = time.perf_counter()
-    outputs = decode_ids(task_model.model, fmt, [fmt.source(s) for s in sources], decoding, batch_size)
+    outputs = task_model.decode_ids([fmt.source(s) for s in sources], decoding, batch_size)
     seconds = time.perf_counter() - start
     hyps = task_model.output_texts([s for s, _ in texts], outputs)
     scores = task_metrics.score(task_metric_names(task_model.cfg.task.name), hyps, [t for _, t in texts],
