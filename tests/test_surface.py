@@ -32,6 +32,10 @@ def wordpiece():
     ("u. s. boss sued over $ 30bn claims", "U.S. boss sued over $30bn claims"),
     ("great , really", "Great, really"),                                       # generated punctuation glued
     ("great ' s boss", "Great's boss"),                                       # "'s" attached as in the source
+    ("wal-mart ' great lyrics '", "Wal-Mart 'great lyrics'"),                  # a pair of quotes around words
+    ("rude lyrics ' sued", "Rude lyrics' sued"),                               # a last quote alone closes
+    ('" rude lyrics " sued', '"Rude lyrics" sued'),                            # first letter after the mark
+    ("wal-mart ' sued ' over ' rude ' lyrics", "Wal-Mart 'sued' over 'rude' lyrics"),
 ])
 def test_surface_from_source(wordpiece, output, expected):
     ids = wordpiece.encode(output)
@@ -64,3 +68,8 @@ def test_word_initial_ids(wordpiece):
     assert not words & set(bpe.special_tokens)
     char = Tokenizer.train(["abc abc"], kind="char")
     assert char.word_initial_ids() == frozenset()
+
+
+def test_possessive_quote_the_source_does_not_have(wordpiece):
+    ids = wordpiece.encode("lyrics ' s boss sued")
+    assert surface_text(wordpiece, "Rude lyrics were sued.", ids) == "Lyrics's boss sued"

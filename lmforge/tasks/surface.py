@@ -8,7 +8,11 @@ writes every run of output tokens that the source contains, as the source has it
 source run holds are decoded by the tokenizer, continuation pieces (``##bn``) glued to the word
 before them and punctuation to the word it follows; the first letter is capitalised when the
 first word is lower-case. A word the source capitalises only where it opens a sentence, and writes
-in lower case elsewhere, is copied in lower case.
+in lower case elsewhere, is copied in lower case. A quotation mark the output has on its own is
+placed by its role, not by the spacing of some occurrence in the source: before ``s`` it is the
+possessive (``Yukos's``); otherwise marks pair up from the left, each pair around the words
+between them (``Blair 'will not quit'``), and a last mark without a partner closes on the word
+before it (``Yukos' owner``).
 
 A tokenizer that gives a source back as it was (byte-level BPE, a cased SentencePiece) loses
 nothing: its decoding is the output text, untouched.
@@ -26,6 +30,9 @@ _CLOSING = tuple(",.;:!?%)]}")
 _OPENING = tuple("$£€#([{")
 #: WordPiece's mark of a piece that continues a word
 _CONTINUES = "##"
+#: quotation marks, placed by their role (see the module)
+_QUOTES = ("'", '"')
+_POSSESSIVE = re.compile(r"s\b")
 _SPACE_BEFORE_CLOSING = re.compile(r"\s+([,.;:!?%)\]}])")
 _SPACE_AFTER_OPENING = re.compile(r"([$£€#(\[{])\s+")
 
@@ -81,6 +88,10 @@ def surface_text(tokenizer, source: str, output: Sequence[int]) -> str:
             generated.clear()
 
     for start, n, at in _runs(output, src_ids, starts):
+        if n == 1 and (tokenizer.id_to_token(output[start]) or "") in _QUOTES:
+            flush()
+            parts.append((tokenizer.id_to_token(output[start]), False))  # placed below
+            continue
         if at < 0:
             generated.append(output[start])
             continue
@@ -97,14 +108,33 @@ def surface_text(tokenizer, source: str, output: Sequence[int]) -> str:
         attached = offsets[at][0] > 0 and not source[offsets[at][0] - 1].isspace() and not text[0].isalnum()
         parts.append((text, joined or attached or first.startswith(_CONTINUES) or text.startswith(_CLOSING)))
     flush()
-    out = ""
-    for text, glued in parts:
-        if not text:
-            continue
-        if out and not glued and not out.endswith(_OPENING):
+    return _capitalised(_joined(parts))
+
+
+def _joined(parts: list[tuple[str, bool]]) -> str:
+    """The parts' texts, spaced as marked, with lone quotation marks placed by role (see the module)."""
+    parts = [p for p in parts if p[0]]
+    possessive = {k for k, (text, _) in enumerate(parts)
+                  if text in _QUOTES and k + 1 < len(parts) and _POSSESSIVE.match(parts[k + 1][0])}
+    quotes = [k for k, (text, _) in enumerate(parts) if text in _QUOTES and k not in possessive]
+    opening = set(quotes[0:len(quotes) - 1:2])  # pairs from the left; a last one alone closes
+    out, glue_next = "", False
+    for k, (text, glued) in enumerate(parts):
+        if text in _QUOTES:
+            glued = k not in opening
+        elif k - 1 in possessive:
+            glued = True  # the possessive 's
+        if out and not glued and not glue_next and not out.endswith(_OPENING):
             out += " "
         out += text
+        glue_next = k in opening
+    return out
+
+
+def _capitalised(out: str) -> str:
+    """The first letter in upper case when the first word is all lower case."""
     words = out.split(" ", 1)
-    if words[0] and words[0] == words[0].lower():
-        out = out[0].upper() + out[1:]
+    first = next((i for i, c in enumerate(words[0]) if c.isalpha()), None)
+    if first is not None and words[0] == words[0].lower():
+        out = out[:first] + out[first].upper() + out[first + 1:]
     return out
