@@ -214,3 +214,17 @@ def test_exhaustive_stopping_is_never_worse_than_early_stopping():
                             length_penalty=1.0, early_stopping=False)
     for e, f in zip(early, full):
         assert f[0].score >= e[0].score - 1e-9
+
+
+def test_decoding_flags_of_the_cli_reach_the_search_settings():
+    """translate/summarize/eval: --no-repeat-words yes/no overrides the checkpoint's task setting."""
+    from lmforge.cli import build_parser
+    from lmforge.commands import _decoding_from_args
+    from lmforge.config import TaskConfig
+
+    parser = build_parser()
+    for flag, task_value, expected in (("yes", False, True), ("no", True, False), (None, True, True)):
+        argv = ["summarize", "run", "text"] + ([f"--no-repeat-words={flag}"] if flag else [])
+        args, _ = parser.parse_known_args(argv)
+        decoding = _decoding_from_args(TaskConfig(name="summarization", no_repeat_words=task_value), args)
+        assert decoding.no_repeat_words is expected
