@@ -11,9 +11,8 @@ draw (``random_`` over int64 is several times faster; it gives 63 random bits, 1
 quarter): the element is kept when its 15 bits, read as an integer, are at least
 ``cut = round(p * 32768)``. The probability actually applied is therefore ``cut / 32768`` (within
 1 / 65536 of p) and the scale is that probability's, so the expected output is still exactly the
-input. The bits come from torch's
-default generator, so ``torch.manual_seed`` and the trainer's saved random state reproduce a run,
-and its resume, exactly. Other devices keep ``F.dropout``.
+input. The bits come from torch's default generator, so ``torch.manual_seed`` and the trainer's
+saved random state reproduce a run, and its resume, exactly. Other devices keep ``F.dropout``.
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ import torch.nn.functional as F
 _LEVELS = 1 << 15
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
     """(keep, scale): a bool mask of ``shape``, True with probability 1 - cut / 32768, and
     32768 / (32768 - cut), with cut = round(p * 32768)."""
     cut = round(p * _LEVELS)
