@@ -88,9 +88,10 @@ def surface_text(tokenizer, source: str, output: Sequence[int]) -> str:
             generated.clear()
 
     for start, n, at in _runs(output, src_ids, starts):
-        if n == 1 and (tokenizer.id_to_token(output[start]) or "") in _QUOTES:
+        first = tokenizer.id_to_token(output[start]) or ""
+        if n == 1 and first in _QUOTES:
             flush()
-            parts.append((tokenizer.id_to_token(output[start]), False))  # placed below
+            parts.append((first, False))  # placed by _joined
             continue
         if at < 0:
             generated.append(output[start])
@@ -100,7 +101,6 @@ def surface_text(tokenizer, source: str, output: Sequence[int]) -> str:
         word = re.match(r"\w+", text)
         if starts[at] and word and word.group().lower() in lower_words and word.group()[1:].islower():
             text = text[0].lower() + text[1:]  # capitalised only as a sentence's first word
-        first = tokenizer.id_to_token(output[start]) or ""
         # joined in the source to the token the output has just before it ("$" + "28bn", "Yukos" + "'")
         joined = (at > 0 and start > 0 and src_ids[at - 1] == output[start - 1]
                   and offsets[at - 1][1] == offsets[at][0])
