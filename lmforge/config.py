@@ -248,6 +248,10 @@ class TrainConfig:
     #: what the cosine decay runs over: steps (to decay_steps), or minutes (to train.max_minutes of
     #: wall time, so a time-budgeted run ends decayed on any machine; max_steps is then only a cap)
     schedule: str = "steps"
+    #: shape of the decay: 0 = half a cosine over the whole schedule; a fraction f in (0, 1] = the rate
+    #: stays at lr until the last f of the schedule, then falls linearly to min_lr (warmup-stable-decay,
+    #: which leaves a time-budgeted run at its peak rate longest and still ends it decayed)
+    cooldown: float = 0.0
     #: adamw, or muon (orthogonalized momentum for the blocks' weight matrices, AdamW for the rest)
     optimizer: str = "adamw"
     #: peak learning rate of Muon's matrices (follows the same warmup and cosine shape as train.lr)
@@ -314,6 +318,9 @@ class TrainConfig:
                 raise LMForgeError(f"train.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps < 0 or self.warmup_steps < 0:
             raise LMForgeError("train.max_steps and train.warmup_steps must not be negative")
+        if not 0.0 <= self.cooldown <= 1.0:
+            raise LMForgeError(f"train.cooldown is the fraction of the schedule spent decaying, between 0 and 1; "
+                               f"got {self.cooldown} (0 = cosine over the whole schedule)")
         for name in ("lr", "min_lr", "muon_lr", "weight_decay", "grad_clip", "max_minutes", "fresh_lr_scale"):
             if not math.isfinite(getattr(self, name)):
                 raise LMForgeError(f"train.{name} must be a finite number, got {getattr(self, name)}")

@@ -149,6 +149,34 @@ def test_minutes_schedule_decays_over_the_time_budget_or_the_step_cap():
         TrainConfig(schedule="hours")
 
 
+def test_cooldown_holds_the_peak_then_falls_linearly_over_the_last_fraction():
+    """Warmup-stable-decay against its formula written out: ramp, flat at lr, straight line to
+    min_lr over the last ``cooldown`` of the schedule, by steps or by the clock."""
+    tcfg = TrainConfig(lr=2e-3, min_lr=2e-4, warmup_steps=10, max_steps=410, cooldown=0.25)
+    for step in range(430):
+        if step < 10:
+            want = 2e-3 * (step + 1) / 11
+        else:
+            t = min((step - 10) / 400, 1.0)
+            want = 2e-3 if t <= 0.75 else 2e-3 + (t - 0.75) / 0.25 * (2e-4 - 2e-3)
+        assert lr_at(step, tcfg) == pytest.approx(want, rel=1e-12, abs=0)
+    assert lr_at(310, tcfg) == pytest.approx(2e-3)                    # the cool-down starts here
+    assert lr_at(360, tcfg) == pytest.approx(1.1e-3)                  # half way down it
+    assert lr_at(410, tcfg) == pytest.approx(2e-4)
+    timed = TrainConfig(lr=2e-3, min_lr=2e-4, warmup_steps=10, max_steps=100_000, max_minutes=2.0,
+                        schedule="minutes", cooldown=0.5)
+    assert lr_at(50, timed, 59.0) == pytest.approx(2e-3)              # first half of the budget: the peak
+    assert lr_at(50, timed, 90.0) == pytest.approx(1.1e-3)            # three quarters: half way down
+    assert lr_at(50, timed, 120.0) == pytest.approx(2e-4)
+    assert lr_at(5, timed, 30.0) == pytest.approx(2e-3 * 6 / 11)      # the ramp caps it early on
+    assert lr_at(5, timed, 120.0) == pytest.approx(2e-4)
+    full = TrainConfig(lr=2e-3, min_lr=2e-4, warmup_steps=10, max_steps=410, cooldown=1.0)
+    assert [lr_at(s, full) for s in (10, 210, 410)] == pytest.approx([2e-3, 1.1e-3, 2e-4])
+    for bad in (-0.1, 1.5):
+        with pytest.raises(LMForgeError, match="train.cooldown"):
+            TrainConfig(cooldown=bad)
+
+
 # ------------------------------------------------------------------------------------------------ Muon
 
 @pytest.mark.parametrize("shape", [(24, 72), (72, 24), (40, 40)])

@@ -92,7 +92,9 @@ def lr_at(step: int, tcfg: TrainConfig, elapsed: float = 0.0) -> float:
     Linear warmup: ``lr * (step + 1) / (warmup_steps + 1)`` for ``step < warmup_steps``
     (never exactly zero, so the first step already moves the weights); then
     cosine decay from ``lr`` at ``warmup_steps`` to ``min_lr`` at ``decay_steps``
-    (default ``max_steps``); then ``min_lr``.
+    (default ``max_steps``); then ``min_lr``. With ``train.cooldown`` f > 0 the decay's shape is
+    warmup-stable-decay instead: ``lr`` until the last f of the decay's progress, then a straight
+    line to ``min_lr``.
 
     With ``train.schedule: minutes`` the cosine's progress is the larger of that step fraction and
     the fraction of ``max_minutes`` spent, and the warmup ramp caps it: the run reaches ``min_lr``
@@ -103,14 +105,18 @@ def lr_at(step: int, tcfg: TrainConfig, elapsed: float = 0.0) -> float:
     by_time = elapsed / (tcfg.max_minutes * 60) if tcfg.schedule == "minutes" else 0.0
     if step < tcfg.warmup_steps:
         ramp = tcfg.lr * (step + 1) / (tcfg.warmup_steps + 1)
-        return min(ramp, _cosine(by_time, tcfg))
+        return min(ramp, _decay(by_time, tcfg))
     by_steps = 1.0 if step >= decay_steps else (step - tcfg.warmup_steps) / (decay_steps - tcfg.warmup_steps)
-    return _cosine(max(by_steps, by_time), tcfg)
+    return _decay(max(by_steps, by_time), tcfg)
 
 
-def _cosine(progress: float, tcfg: TrainConfig) -> float:
-    """Half a cosine from ``lr`` (progress 0) to ``min_lr`` (progress 1 and beyond)."""
+def _decay(progress: float, tcfg: TrainConfig) -> float:
+    """From ``lr`` (progress 0) to ``min_lr`` (progress 1 and beyond): half a cosine, or with
+    ``train.cooldown`` f flat until ``1 - f`` and linear from there."""
     progress = min(max(progress, 0.0), 1.0)
+    if tcfg.cooldown > 0:
+        falling = max(progress - (1.0 - tcfg.cooldown), 0.0) / tcfg.cooldown
+        return tcfg.lr + falling * (tcfg.min_lr - tcfg.lr)
     return tcfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (tcfg.lr - tcfg.min_lr)
 
 
