@@ -15,7 +15,9 @@ from lmforge.model.layers import (
     PositionalEncoding,
     RMSNorm,
     RotaryEmbedding,
+    CPU_BF16_WRITTEN_OUT_MAX,
     apply_rotary,
+    attend,
     linear_by_columns,
     make_norm,
     sinusoidal_encoding,
@@ -356,3 +358,35 @@ def test_few_rows_probe_answers_for_one_and_for_several_rows():
 
     one, few = hardware.few_rows_by_columns(1, megabytes=8, repeats=1)
     assert isinstance(one, bool) and isinstance(few, bool)
+
+
+@pytest.mark.parametrize("T,S", [(7, 7), (5, 9), (300, 300)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bf16_attention_on_the_cpu_matches_the_formula_by_either_route(monkeypatch, T, S, causal):
+    """bf16 attention on the CPU is written out up to CPU_BF16_WRITTEN_OUT_MAX scores per head and
+    goes through SDPA above it; both routes give the float64 formula to bf16 precision, values and
+    gradients, with causal masking or key padding."""
+    if causal and T != S:
+        pytest.skip("causal self-attention has as many keys as queries")
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    gen = torch.Generator().manual_seed(T + S)
+    B, H, D = 2, 2, 16
+    q, k, v = (torch.randn(B, H, n, D, generator=gen).bfloat16().requires_grad_() for n in (T, S, S))
+    pad = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    pad[1, ..., S // 2:] = False
+    y = attend(q, k, v, None if causal else pad, causal=causal, scale=1 / math.sqrt(D))
+    assert y.dtype == torch.bfloat16
+    assert len(calls) == (T * S > CPU_BF16_WRITTEN_OUT_MAX)
+    allowed = torch.ones(T, S, dtype=torch.bool).tril() if causal else pad
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    weights = (q64 @ k64.transpose(-2, -1) / math.sqrt(D)).masked_fill(~allowed, float("-inf")).softmax(-1)
+    ref = weights @ v64
+    torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=3e-2)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad((y.double() * g).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * g).sum(), (q64, k64, v64))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.double(), b, rtol=5e-2, atol=5e-2)

@@ -261,16 +261,25 @@ def attention_mask(
     return mask
 
 
+#: on the CPU, bf16 attention with at most this many scores per head (query x key length) is
+#: written out: SDPA's CPU kernel runs bf16 3-4x slower than two bf16 matrix products at these
+#: sizes, and faster only for long sequences (``benchmarks/attention.py`` measures both)
+CPU_BF16_WRITTEN_OUT_MAX = 256 * 256
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
            causal: bool = False, dropout_p: float = 0.0, scale: float) -> torch.Tensor:
     """softmax(q kᵀ · scale, masked) v over [B, H, T, D] x [B, H, S, D]; ``mask`` bool, True = may look.
 
-    ``F.scaled_dot_product_attention``, except while dropping attention weights on the CPU: the
-    same formula is then written out, so that the weights' mask comes from :func:`dropout` (torch's
-    math path draws it with the slow ``bernoulli_``). Every query here has at least one key it may
-    look at (see :func:`attention_mask`).
+    ``F.scaled_dot_product_attention``, except on the CPU while dropping attention weights (torch's
+    math path draws that mask with the slow ``bernoulli_``; here it comes from :func:`dropout`) or
+    in bf16 with at most :data:`CPU_BF16_WRITTEN_OUT_MAX` scores per head: the same formula is
+    then written out. Every query here has at least one key it may look at (see
+    :func:`attention_mask`).
     """
-    if dropout_p == 0.0 or q.device.type != "cpu":
+    written_out = q.device.type == "cpu" and (
+        dropout_p > 0.0 or (q.dtype == torch.bfloat16 and q.size(-2) * k.size(-2) <= CPU_BF16_WRITTEN_OUT_MAX))
+    if not written_out:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
                                               scale=scale)
     scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
