@@ -33,7 +33,12 @@ def wordpiece():
     ("great , really", "Great, really"),                                       # generated punctuation glued
     ("great ' s boss", "Great's boss"),                                       # "'s" attached as in the source
     ("wal-mart ' great lyrics '", "Wal-Mart 'great lyrics'"),                  # a pair of quotes around words
-    ("rude lyrics ' sued", "Rude lyrics' sued"),                               # a last quote alone closes
+    ("rude lyrics ' sued", "Rude lyrics' sued"),                               # alone after "s": possessive
+    ("wal-mart ' sued", "Wal-Mart sued"),                                      # alone after another word: dropped
+    ("wal-mart ' great ' lyrics ' sued", "Wal-Mart 'great' lyrics' sued"),
+    ("' great ' owner ' sued", "'Great' owner sued"),
+    ("it ' great", "It great"),                     # the source's "It's" copied up to its mark: the mark alone
+    ("it ' s great", "It's great"),                                            # ... and in full, as written
     ('" rude lyrics " sued', '"Rude lyrics" sued'),                            # first letter after the mark
     ("wal-mart ' sued ' over ' rude ' lyrics", "Wal-Mart 'sued' over 'rude' lyrics"),
 ])
@@ -71,5 +76,9 @@ def test_word_initial_ids(wordpiece):
 
 
 def test_possessive_quote_the_source_does_not_have(wordpiece):
-    ids = wordpiece.encode("lyrics ' s boss sued")
-    assert surface_text(wordpiece, "Rude lyrics were sued.", ids) == "Lyrics's boss sued"
+    ids = wordpiece.encode("owner ' s lyrics sued")
+    assert surface_text(wordpiece, "Rude lyrics were sued.", ids) == "Owner's lyrics sued"
+    ids = wordpiece.encode("lyrics ' s boss sued")  # after a word ending in "s": the mark alone
+    assert surface_text(wordpiece, "Rude lyrics were sued.", ids) == "Lyrics' boss sued"
+    ids = wordpiece.encode("yukos ' s boss")  # "Yukos' owner" in the source: the run stops before its mark
+    assert surface_text(wordpiece, SOURCE, ids) == "Yukos' boss"

@@ -9,10 +9,12 @@ source run holds are decoded by the tokenizer, continuation pieces (``##bn``) gl
 before them and punctuation to the word it follows; the first letter is capitalised when the
 first word is lower-case. A word the source capitalises only where it opens a sentence, and writes
 in lower case elsewhere, is copied in lower case. A quotation mark the output has on its own is
-placed by its role, not by the spacing of some occurrence in the source: before ``s`` it is the
-possessive (``Yukos's``); otherwise marks pair up from the left, each pair around the words
-between them (``Blair 'will not quit'``), and a last mark without a partner closes on the word
-before it (``Yukos' owner``).
+placed by its role, not by the spacing of some occurrence in the source (a copied run keeps a
+mark only inside it, as in ``O'Neill`` or ``Yukos's``): before ``s`` it is the possessive
+(``Labour's``, and ``MPs'`` after a word ending in ``s``); otherwise marks pair up from the left,
+each pair around the words between them (``Blair 'will not quit'``), and a last mark without a
+partner is the possessive of a word ending in ``s`` (``Yukos' owner``) or, after any other word,
+dropped: headlines have no other lone quotation mark.
 
 A tokenizer that gives a source back as it was (byte-level BPE, a cased SentencePiece) loses
 nothing: its decoding is the output text, untouched.
@@ -47,10 +49,12 @@ def _sentence_start(source: str, start: int) -> bool:
     return not before or before[-1] in ".!?:;\"'\n"
 
 
-def _runs(output: Sequence[int], source: Sequence[int], starts: Sequence[bool]) -> list[tuple[int, int, int]]:
+def _runs(output: Sequence[int], source: Sequence[int], starts: Sequence[bool],
+          quotes: frozenset[int] = frozenset()) -> list[tuple[int, int, int]]:
     """Segments of the output as (output start, length, source start or -1): at each position the
     longest run of tokens that also stands in the source (the first occurrence that does not open a
-    sentence, where there is one: its case is the word's own), else one token."""
+    sentence, where there is one: its case is the word's own), else one token. A run neither starts
+    nor ends with a token of ``quotes``: those stand alone there, to be placed by their role."""
     where = defaultdict(list)
     for p, t in enumerate(source):
         where[t].append(p)
@@ -61,6 +65,8 @@ def _runs(output: Sequence[int], source: Sequence[int], starts: Sequence[bool]) 
             n = 0
             while i + n < len(output) and p + n < len(source) and source[p + n] == output[i + n]:
                 n += 1
+            while n > 1 and (output[i] in quotes or output[i + n - 1] in quotes):
+                n = 1 if output[i] in quotes else n - 1
             if n > best or (n == best and n and starts[at] and not starts[p]):
                 best, at = n, p
         segments.append((i, max(best, 1), at))
@@ -87,7 +93,8 @@ def surface_text(tokenizer, source: str, output: Sequence[int]) -> str:
             parts.append((text, first.startswith(_CONTINUES) or text.startswith(_CLOSING)))
             generated.clear()
 
-    for start, n, at in _runs(output, src_ids, starts):
+    quotes = frozenset(i for i in map(tokenizer.token_to_id, _QUOTES) if i is not None)
+    for start, n, at in _runs(output, src_ids, starts, quotes):
         first = tokenizer.id_to_token(output[start]) or ""
         if n == 1 and first in _QUOTES:
             flush()
@@ -116,13 +123,20 @@ def _joined(parts: list[tuple[str, bool]]) -> str:
     parts = [p for p in parts if p[0]]
     possessive = {k for k, (text, _) in enumerate(parts)
                   if text in _QUOTES and k + 1 < len(parts) and _POSSESSIVE.match(parts[k + 1][0])}
+    for k in sorted(possessive):
+        if k > 0 and parts[k - 1][0].endswith("s"):  # "MPs' ", never "MPs's"
+            parts[k + 1] = (parts[k + 1][0][1:].lstrip(), False)
     quotes = [k for k, (text, _) in enumerate(parts) if text in _QUOTES and k not in possessive]
-    opening = set(quotes[0:len(quotes) - 1:2])  # pairs from the left; a last one alone closes
+    opening = set(quotes[0:len(quotes) - 1:2])  # pairs from the left
+    if len(quotes) % 2 and not (quotes[-1] > 0 and parts[quotes[-1] - 1][0].endswith("s")):
+        parts[quotes[-1]] = ("", True)  # a last one alone: only a possessive after "s" stays
     out, glue_next = "", False
     for k, (text, glued) in enumerate(parts):
+        if not text:
+            continue
         if text in _QUOTES:
             glued = k not in opening
-        elif k - 1 in possessive:
+        elif k - 1 in possessive and parts[k - 1][0] in _QUOTES and _POSSESSIVE.match(text):
             glued = True  # the possessive 's
         if out and not glued and not glue_next and not out.endswith(_OPENING):
             out += " "
