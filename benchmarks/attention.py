@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from common import print_table, write_result  # noqa: E402
 
-from lmforge.model.layers import CPU_BF16_WRITTEN_OUT_MAX  # noqa: E402
+from lmforge.model.layers import CPU_BF16_WRITTEN_OUT_MAX, attention_formula  # noqa: E402
 
 #: (what it is, batch, heads, query length, key length, causal, backward)
 SHAPES = [
@@ -44,11 +44,7 @@ SHAPES = [
 
 
 def written_out(q, k, v, causal, scale):
-    """The formula as ``attend`` writes it (without dropout)."""
-    scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
-    if causal:
-        scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril_(), float("-inf"))
-    return torch.matmul(scores.softmax(-1), v)
+    return attention_formula(q, k, v, causal=causal, scale=scale)
 
 
 def sdpa(q, k, v, causal, scale):

@@ -282,6 +282,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     if not written_out:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout_p,
                                               scale=scale)
+    return attention_formula(q, k, v, mask, causal=causal, dropout_p=dropout_p, scale=scale)
+
+
+def attention_formula(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
+                      causal: bool = False, dropout_p: float = 0.0, scale: float) -> torch.Tensor:
+    """:func:`attend`'s formula written out: two matrix products and a softmax, with the mask's
+    disallowed scores at -inf and the weights' dropout mask from :func:`dropout`."""
     scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
     if causal:
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril_()

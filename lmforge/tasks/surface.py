@@ -65,8 +65,10 @@ def _runs(output: Sequence[int], source: Sequence[int], starts: Sequence[bool],
             n = 0
             while i + n < len(output) and p + n < len(source) and source[p + n] == output[i + n]:
                 n += 1
-            while n > 1 and (output[i] in quotes or output[i + n - 1] in quotes):
-                n = 1 if output[i] in quotes else n - 1
+            if output[i] in quotes:
+                n = min(n, 1)
+            while n > 1 and output[i + n - 1] in quotes:
+                n -= 1
             if n > best or (n == best and n and starts[at] and not starts[p]):
                 best, at = n, p
         segments.append((i, max(best, 1), at))
@@ -136,7 +138,7 @@ def _joined(parts: list[tuple[str, bool]]) -> str:
             continue
         if text in _QUOTES:
             glued = k not in opening
-        elif k - 1 in possessive and parts[k - 1][0] in _QUOTES and _POSSESSIVE.match(text):
+        elif k - 1 in possessive and _POSSESSIVE.match(text):  # (not when its s was dropped after an s)
             glued = True  # the possessive 's
         if out and not glued and not glue_next and not out.endswith(_OPENING):
             out += " "
