@@ -294,6 +294,9 @@ class TrainConfig:
     #: with init_from (task fine-tuning), the parameters the checkpoint does not fill (e.g. an encoder-decoder's
     #: cross-attention and copy head started from an encoder) learn at this many times the schedule's rate (AdamW)
     fresh_lr_scale: float = 1.0
+    #: layer-wise learning-rate decay (AdamW): the top block learns at this fraction of the rate, each block below at
+    #: this fraction of the one above, the embeddings one step further; the head at the full rate. 1 = off
+    layer_lr_decay: float = 1.0
     #: show the progress bar
     progress: bool = True
     #: data parallelism under torchrun: auto (ddp when a full replica fits a GPU, else fsdp), ddp, or fsdp (FSDP2, sharded per block); one process ignores it
@@ -321,11 +324,15 @@ class TrainConfig:
         if not 0.0 <= self.cooldown <= 1.0:
             raise LMForgeError(f"train.cooldown is the fraction of the schedule spent decaying, between 0 and 1; "
                                f"got {self.cooldown} (0 = cosine over the whole schedule)")
-        for name in ("lr", "min_lr", "muon_lr", "weight_decay", "grad_clip", "max_minutes", "fresh_lr_scale"):
+        for name in ("lr", "min_lr", "muon_lr", "weight_decay", "grad_clip", "max_minutes", "fresh_lr_scale",
+                     "layer_lr_decay"):
             if not math.isfinite(getattr(self, name)):
                 raise LMForgeError(f"train.{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LMForgeError(f"train.lr must be positive, got {self.lr}")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise LMForgeError(f"train.layer_lr_decay is the rate's factor per block from the top, in (0, 1], "
+                               f"got {self.layer_lr_decay} (1 = off; 0.8 is common)")
         if not 0 <= self.min_lr <= self.lr:
             raise LMForgeError(f"train.min_lr must be between 0 and train.lr ({self.lr}), got {self.min_lr}")
         if self.decay_steps is not None and self.decay_steps < self.warmup_steps:

@@ -92,6 +92,49 @@ def test_fresh_parameters_learn_at_their_scaled_rate():
         build_optimizer(model, TrainConfig(optimizer="muon", fresh_lr_scale=10.0), "cpu", fresh)
 
 
+def test_layer_lr_decay_scales_each_block_from_the_top():
+    """train.layer_lr_decay d on a classifier over an L-block encoder: AdamW's first step is
+    lr * scale * sign(grad), with scale d**(L+1) for the embeddings, d**(L-k) for block k and 1 for
+    what sits above the blocks, written out here by parameter name."""
+    from lmforge.model.encoder import EncoderModel
+    from lmforge.model.heads import SequenceClassifier
+
+    n_layer, d, lr = 3, 0.5, 0.01
+    model = SequenceClassifier(EncoderModel(ModelConfig(arch="encoder", vocab_size=50, block_size=16, n_layer=n_layer,
+                                                        n_head=2, d_model=32, bias=True)), n_labels=2)
+
+    def expected(name: str) -> float:
+        if name.startswith("trunk.encoder.blocks."):
+            return d ** (n_layer - int(name.split(".")[3]))
+        if name.startswith(("trunk.tok_emb", "trunk.pos_emb", "trunk.type_emb", "trunk.embed_norm")):
+            return d ** (n_layer + 1)
+        return 1.0
+
+    tcfg = TrainConfig(lr=lr, weight_decay=0.0, warmup_steps=0, max_steps=10, layer_lr_decay=d)
+    opt = build_optimizer(model, tcfg, "cpu")
+    names = dict(model.named_parameters())
+    assert {expected(n) for n in names} == {1.0, d, d ** 2, d ** 3, d ** 4}
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(names)  # every parameter exactly once
+    set_lr(opt, lr)
+    before = {n: p.detach().clone() for n, p in names.items()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    for n, p in names.items():
+        step = (before[n] - p.detach()).abs()
+        torch.testing.assert_close(step, torch.full_like(step, lr * expected(n)), rtol=1e-3, atol=1e-7, msg=n)
+    # with fresh_lr_scale the two scales multiply; 1 leaves the groups as they were
+    fresh = {n for n in names if n.startswith("classifier.")}
+    both = build_optimizer(model, TrainConfig(layer_lr_decay=d, fresh_lr_scale=10.0), "cpu", fresh)
+    assert {g.get("lr_scale", 1.0) for g in both.param_groups} == {10.0, 1.0, d, d ** 2, d ** 3, d ** 4}
+    assert len(build_optimizer(model, TrainConfig(), "cpu").param_groups) == 2
+    with pytest.raises(LMForgeError, match="layer_lr_decay works with train.optimizer=adamw"):
+        build_optimizer(model, TrainConfig(optimizer="muon", layer_lr_decay=d), "cpu")
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(LMForgeError, match="train.layer_lr_decay"):
+            TrainConfig(layer_lr_decay=bad)
+
+
 def reference_lr(step, lr, min_lr, warmup, decay_steps):
     """The schedule written out in float64: linear warmup, half-cosine decay, floor."""
     if step < warmup:

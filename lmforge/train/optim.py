@@ -31,10 +31,12 @@ from lmforge.errors import LMForgeError
 
 
 def param_groups(model: nn.Module, weight_decay: float, fresh: set[str] | None = None,
-                 fresh_lr_scale: float = 1.0) -> list[dict]:
-    """Two AdamW parameter groups: decay on ``nn.Linear`` weights, none on everything else; and, when
-    ``fresh`` names parameters and ``fresh_lr_scale`` is not 1, the same two groups again for those
-    parameters, with ``lr_scale`` = ``fresh_lr_scale``.
+                 fresh_lr_scale: float = 1.0, layer_lr_decay: float = 1.0) -> list[dict]:
+    """AdamW parameter groups: decay on ``nn.Linear`` weights, none on everything else, each pair
+    of groups at one ``lr_scale`` (times the schedule's rate). The first pair runs at scale 1; the
+    others follow in the order their parameters are registered. A parameter's scale is
+    ``fresh_lr_scale`` if ``fresh`` names it (a warm start did not fill it), times
+    :func:`layer_scales` (``layer_lr_decay`` per block below the top; 1 turns it off).
 
     Parameters are sorted by the type of module that owns them, not by name or
     shape, so a new layer type cannot slip into the decayed group by accident.
@@ -49,37 +51,57 @@ def param_groups(model: nn.Module, weight_decay: float, fresh: set[str] | None =
         if isinstance(m, nn.Linear) and id(m.weight) not in embedding_params
     }
     fresh_ids = {id(p) for n, p in model.named_parameters() if n in fresh} if fresh and fresh_lr_scale != 1.0 else set()
-    decay, no_decay, fresh_decay, fresh_no_decay = [], [], [], []
+    layer = layer_scales(model, layer_lr_decay)
+    # scale -> (decay, no decay); the scale-1 pair first, present even when empty
+    groups = {1.0: ({"params": [], "weight_decay": weight_decay}, {"params": [], "weight_decay": 0.0})}
     for p in model.parameters():  # unique parameters, in registration order (deterministic)
         if not p.requires_grad:
             continue
-        if id(p) in fresh_ids:
-            (fresh_decay if id(p) in decay_ids else fresh_no_decay).append(p)
+        scale = (fresh_lr_scale if id(p) in fresh_ids else 1.0) * layer[id(p)]
+        if scale not in groups:
+            groups[scale] = ({"params": [], "weight_decay": weight_decay, "lr_scale": scale},
+                             {"params": [], "weight_decay": 0.0, "lr_scale": scale})
+        groups[scale][0 if id(p) in decay_ids else 1]["params"].append(p)
+    return [group for pair in groups.values() for group in pair]
+
+
+def layer_scales(model: nn.Module, decay: float) -> dict[int, float]:
+    """Layer-wise learning-rate decay (``train.layer_lr_decay``): the scale of each parameter's rate,
+    by id. With L Transformer blocks (an encoder-decoder's encoder blocks first), block k (0-based)
+    learns at ``decay ** (L - k)``; what is registered before the first block (the embeddings) at
+    ``decay ** (L + 1)``; what comes after the blocks (final norm, task head) at 1. A pretrained
+    trunk's lower layers, which hold its most general features, then move least."""
+    from lmforge.model.layers import Block
+
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    block_of = {id(p): k for k, block in enumerate(blocks) for p in block.parameters()}
+    n, seen_block, scales = len(blocks), False, {}
+    for p in model.parameters():
+        if id(p) in block_of:
+            depth, seen_block = block_of[id(p)] + 1, True
         else:
-            (decay if id(p) in decay_ids else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if fresh_ids:
-        groups += [{"params": fresh_decay, "weight_decay": weight_decay, "lr_scale": fresh_lr_scale},
-                   {"params": fresh_no_decay, "weight_decay": 0.0, "lr_scale": fresh_lr_scale}]
-    return groups
+            depth = n + 1 if seen_block else 0
+        scales[id(p)] = decay ** (n + 1 - depth)
+    return scales
 
 
 def build_optimizer(model: nn.Module, tcfg: TrainConfig, device: torch.device | str,
                     fresh: set[str] | None = None) -> torch.optim.Optimizer:
     """AdamW over :func:`param_groups` (the fused CUDA kernel on a GPU), or :class:`Muon` when
     ``tcfg.optimizer`` is ``muon``. ``fresh``: names of parameters that learn at
-    ``tcfg.fresh_lr_scale`` times the rate (those a warm start did not fill)."""
+    ``tcfg.fresh_lr_scale`` times the rate (those a warm start did not fill); ``tcfg.layer_lr_decay``
+    scales the rate per block (:func:`layer_scales`)."""
     if tcfg.optimizer == "muon":
         if fresh and tcfg.fresh_lr_scale != 1.0:
             raise LMForgeError("train.fresh_lr_scale works with train.optimizer=adamw only; "
                                "set the optimizer to adamw or leave fresh_lr_scale at 1")
+        if tcfg.layer_lr_decay != 1.0:
+            raise LMForgeError("train.layer_lr_decay works with train.optimizer=adamw only; "
+                               "set the optimizer to adamw or leave layer_lr_decay at 1")
         return build_muon(model, tcfg)
     fused = torch.device(device).type == "cuda"
     return torch.optim.AdamW(
-        param_groups(model, tcfg.weight_decay, fresh, tcfg.fresh_lr_scale),
+        param_groups(model, tcfg.weight_decay, fresh, tcfg.fresh_lr_scale, tcfg.layer_lr_decay),
         lr=lr_at(0, tcfg),
         betas=(tcfg.beta1, tcfg.beta2),
         fused=fused,
