@@ -178,6 +178,26 @@ def test_copy_head_matches_the_pointer_generator_formula():
     assert torch.isfinite(out).all()
 
 
+def test_a_checkpoint_with_the_copy_heads_scalar_still_loads(tmp_path):
+    """The copy head's follow weight is a one-element vector (FSDP2 shards no 0-d parameters); a
+    checkpoint that saved it as a scalar loads into it with the same value and the same outputs."""
+    from safetensors.torch import save_file
+
+    from lmforge.train.checkpoint import load_weights, unique_state_dict
+
+    saved = model(copy_attention=True)
+    with torch.no_grad():
+        saved.copy_head.follow.fill_(0.8)
+    state = {n: t.clone() for n, t in unique_state_dict(saved).items()}
+    state["copy_head.follow"] = state["copy_head.follow"].reshape(())  # as saved before
+    save_file(state, str(tmp_path / "model.safetensors"))
+    fresh = model(copy_attention=True)
+    load_weights(fresh, tmp_path)
+    assert fresh.copy_head.follow.shape == (1,) and fresh.copy_head.follow.item() == pytest.approx(0.8)
+    src, tgt = torch.randint(3, V, (2, 7)), torch.randint(3, V, (2, 5))
+    torch.testing.assert_close(fresh(src, tgt), saved(src, tgt), rtol=0, atol=0)
+
+
 def test_copy_model_loss_has_finite_gradients_and_copy_makes_source_tokens_likelier():
     m = model(copy_attention=True)
     m.train()

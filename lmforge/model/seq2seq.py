@@ -104,7 +104,7 @@ class CopyHead(nn.Module):
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.gate = nn.Linear(2 * d_model, 1)
-        self.follow = nn.Parameter(torch.zeros(()))  # beta
+        self.follow = nn.Parameter(torch.zeros(1))  # beta (one element, not a 0-d tensor: FSDP2 shards no scalars)
         self.position_prior = nn.Parameter(torch.zeros(max_source))  # pi
         self.scale = 1.0 / math.sqrt(d_model)
 

@@ -342,7 +342,9 @@ def load_weights(model: nn.Module, ckpt: str | Path, device: str | torch.device 
             "use another checkpoint (e.g. the previous step)"
         ) from None
     expected = model.state_dict()
-    for name, tensor in state.items():
+    for name, tensor in list(state.items()):
+        if tensor.dim() == 0 and name in expected and tuple(expected[name].shape) == (1,):
+            state[name] = tensor = tensor.reshape(1)  # a number saved as a scalar, now held as one element
         if name not in expected:
             raise LMForgeError(
                 f"{path} holds weight {name!r} that this model does not have; "
