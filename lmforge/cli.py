@@ -266,6 +266,13 @@ COMMANDS: tuple[Command, ...] = (
             "(task.tuning=full) with the same outputs to OUT_DIR/checkpoints/.",
             c.cmd_lora_merge, (checkpoint("sentiment|srl --task.tuning=lora", what="run or checkpoint directory"),
                                arg("out_dir", help="run directory for the merged checkpoint"))),
+    Command("average", "one checkpoint whose weights are the mean of several of the same model",
+            "Average the weights of checkpoints of one model (in float64) and write them as a new checkpoint in "
+            "OUT_DIR/checkpoints/: the last checkpoints of a run, or runs fine-tuned from the same pretrained "
+            "weights with different seeds (a model soup). They must share the model settings, tokenizer and labels.",
+            c.cmd_average, (arg("checkpoints", nargs="+", metavar="CKPT",
+                                help="run directories (their latest checkpoint) or checkpoint directories"),
+                            arg("out_dir", help="run directory for the averaged checkpoint"))),
     Command("plot", "PNG of a run's train/val loss curves",
             "Write RUN_DIR/loss.png from RUN_DIR/metrics.jsonl and print its path.",
             c.cmd_plot, (checkpoint(dest="run_dir", what="run directory"),)),

@@ -348,6 +348,12 @@ def cmd_lora_merge(args: argparse.Namespace, overrides: list[str]) -> None:
     print(merge_lora_checkpoint(args.checkpoint, args.out_dir))
 
 
+def cmd_average(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.train.average import average_checkpoints
+
+    print(average_checkpoints(args.checkpoints, args.out_dir))
+
+
 def cmd_pretrain_encoder(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.tasks.mlm import MaskedLanguageModel
     from lmforge.train.trainer import fit

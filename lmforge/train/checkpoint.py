@@ -129,7 +129,7 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(
     run_dir: str | Path,
-    model: nn.Module,
+    model: nn.Module | dict[str, torch.Tensor],
     cfg: Config,
     *,
     step: int,
@@ -143,7 +143,8 @@ def save_checkpoint(
 ) -> Path:
     """Write ``run_dir/checkpoints/step_{step:06d}`` atomically and point ``latest`` at it.
 
-    ``model`` is the plain module (not a compiled or distributed wrapper). With an
+    ``model`` is the plain module (not a compiled or distributed wrapper), or the weights to write
+    (a state dict that holds a tied head once, e.g. an average of checkpoints). With an
     ``optimizer`` the checkpoint can be resumed: the optimizer, the RNG states (read
     here, so call this after the step's random draws) and the sampler state go with it.
     ``tokenizer_path`` defaults to ``cfg.data.data_dir/tokenizer.json``. ``extra``: more JSON
@@ -162,7 +163,8 @@ def save_checkpoint(
     tmp = ckpt_root / f".tmp_{name}_{os.getpid()}"
     try:
         tmp.mkdir()
-        save_file(unique_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt"})
+        weights = model if isinstance(model, dict) else unique_state_dict(model)
+        save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
         shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
         if optimizer is not None:
