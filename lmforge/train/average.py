@@ -1,10 +1,12 @@
 """``lmforge average``: one checkpoint whose weights are the mean of several of the same model.
 
-Two uses. The last checkpoints of one run: averaging them smooths the noise of the final steps.
-Runs fine-tuned from the same pretrained weights with different seeds (a "model soup"): their
-weights stay close enough that the average is itself a good model, usually better than the
-runs it comes from and about as good as running them all and averaging their outputs, at the
-cost of one model (measured in docs/tutorial-sentiment.md).
+Two uses. The last checkpoints of one run: averaging them smooths the noise of the final steps
+(a schedule that already cools down leaves little to gain: docs/tutorial-translation.md). Runs
+fine-tuned from the same pretrained weights with different seeds (a "model soup"): their
+weights stay close enough that the average is itself a working model, at the cost of one
+model rather than running them all and averaging their outputs (measured against both in
+docs/tutorial-sentiment.md). Runs whose fresh layers start from different random weights do
+not share a start and cannot be averaged this way.
 
 The mean is taken in float64 and stored in each weight's own dtype. Checkpoints must share the
 model settings, the tokenizer, the task's labels and every weight's name and shape; LoRA
