@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from lmforge.errors import LMForgeError
 from lmforge.train import checkpoint as ckpt_io
@@ -49,7 +48,7 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path) -> Path:
     dtypes: dict[str, torch.dtype] = {}
     for ckpt in ckpts:
         _check_same_model(ckpt, first, tokenizer, ckpts[0])
-        weights = _weights(ckpt)
+        weights = ckpt_io.read_weights(ckpt)
         if total and set(weights) != set(total):
             diff = sorted(set(weights) ^ set(total))
             raise LMForgeError(f"{ckpt} holds other weights than {ckpts[0]} ({', '.join(diff[:3])}); "
@@ -65,15 +64,6 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path) -> Path:
     step = max(int(info.get("step", 0)) for info in infos)  # the newest: the average of a run's last steps
     return ckpt_io.save_checkpoint(out, mean, cfg, step=step, tokenizer_path=tokenizer,
                                    extra={"averaged_from": [str(c) for c in ckpts], **ckpt_io.run_choices(infos[0])})
-
-
-def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    path = ckpt_io.require_file(ckpt, ckpt_io.WEIGHTS, "the checkpoint is incomplete; use another one")
-    try:
-        return load_file(path)
-    except Exception as e:  # safetensors reports truncation and bad headers with its own error types
-        raise LMForgeError(f"{path} is corrupt or truncated ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                           "use another checkpoint") from None
 
 
 def _check_same_model(ckpt: Path, first: dict, tokenizer: Path, first_ckpt: Path) -> None:

@@ -332,17 +332,22 @@ def read_config(ckpt: str | Path) -> Config:
     return cfg
 
 
-def load_weights(model: nn.Module, ckpt: str | Path, device: str | torch.device = "cpu") -> None:
-    """Copy ``model.safetensors`` into ``model``, refusing corrupt files and shape or name mismatches."""
-    ckpt = Path(ckpt)
-    path = require_file(ckpt, WEIGHTS, "the checkpoint is incomplete; use another one (e.g. the previous step)")
+def read_weights(ckpt: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of ``ckpt/model.safetensors``, refusing a missing, corrupt or truncated file."""
+    path = require_file(Path(ckpt), WEIGHTS, "the checkpoint is incomplete; use another one (e.g. the previous step)")
     try:
-        state = load_file(path, device=str(device))
+        return load_file(path, device=str(device))
     except Exception as e:  # safetensors reports truncation and bad headers with its own error types
         raise LMForgeError(
             f"{path} is corrupt or truncated ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
             "use another checkpoint (e.g. the previous step)"
         ) from None
+
+
+def load_weights(model: nn.Module, ckpt: str | Path, device: str | torch.device = "cpu") -> None:
+    """Copy ``model.safetensors`` into ``model``, refusing corrupt files and shape or name mismatches."""
+    path = Path(ckpt) / WEIGHTS
+    state = read_weights(ckpt, device)
     expected = model.state_dict()
     for name, tensor in list(state.items()):
         if tensor.dim() == 0 and name in expected and tuple(expected[name].shape) == (1,):
