@@ -178,6 +178,38 @@ def test_copy_head_matches_the_pointer_generator_formula():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("copy", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_the_training_loss_in_forward_equals_cross_entropy_of_the_output_distribution(copy, eps):
+    """forward(..., labels=) (which never builds the copy head's [B, T, V] mixture) gives the summed
+    label-smoothed cross-entropy of the distribution the model decodes with, in value and gradient."""
+    m = model(copy_attention=copy, vocab_size=11)
+    if copy:
+        with torch.no_grad():
+            m.copy_head.follow.fill_(1.3)
+            m.copy_head.position_prior.normal_(0, 0.5)
+    src = torch.tensor([[3, 5, 5, 9, 1, 1], [4, 4, 4, 7, 10, 6]])  # repeated tokens; padding in row 0
+    mask = src != 1
+    tgt = torch.tensor([[2, 5, 9, 3, 8], [2, 4, 7, 10, 6]])
+    labels = torch.tensor([[5, 9, 3, 8, 0], [4, 7, 10, 6, 0]])
+    labels[0, 3:] = IGNORE_INDEX  # a shorter target
+    # the reference: the float64 cross-entropy written out over the model's own log P
+    m64 = model(copy_attention=copy, vocab_size=11).double()
+    m64.load_state_dict(m.state_dict())
+    logp = m64(src, tgt, mask).log_softmax(-1)  # logits without the copy head, log P with it
+    keep = labels != IGNORE_INDEX
+    picked = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0]
+    expected = (-(1 - eps) * picked - eps * logp.mean(-1))[keep].sum()
+    loss = m(src, tgt, mask, labels=labels, label_smoothing=eps)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    expected.backward()
+    loss.backward()
+    for (name, p), p64 in zip(m.named_parameters(), m64.parameters()):
+        assert (p.grad is None) == (p64.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad.double(), p64.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_a_checkpoint_with_the_copy_heads_scalar_still_loads(tmp_path):
     """The copy head's follow weight is a one-element vector (FSDP2 shards no 0-d parameters); a
     checkpoint that saved it as a scalar loads into it with the same value and the same outputs."""

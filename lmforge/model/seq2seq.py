@@ -112,10 +112,9 @@ class CopyHead(nn.Module):
         """memory [B, S, d] -> (keys, memory), computed once per source when decoding."""
         return self.k_proj(memory), memory
 
-    def forward(self, h: torch.Tensor, logits: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor],
-                src: torch.Tensor, src_mask: torch.Tensor | None, prev: torch.Tensor) -> torch.Tensor:
-        """h [B, T, d] (normed decoder states), logits [B, T, V], prev [B, T] (the decoder's input
-        ids) -> log P [B, T, V] (float32)."""
+    def read(self, h: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor], src: torch.Tensor,
+             src_mask: torch.Tensor | None, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The copy attention a [B, T, S] and the gate's logit [B, T, 1] (p_gen = sigmoid), float32."""
         keys, mem = memory
         scores = (self.q_proj(h) @ keys.transpose(1, 2)).float() * self.scale  # [B, T, S]
         after = torch.zeros_like(scores, dtype=torch.bool)  # [b, t, s]: src[b, s - 1] == prev[b, t]
@@ -126,21 +125,59 @@ class CopyHead(nn.Module):
             scores = scores.masked_fill(~src_mask.bool()[:, None, :], float("-inf"))
         attn = scores.softmax(dim=-1)
         gate = self.gate(torch.cat([h, attn.to(mem.dtype) @ mem], dim=-1)).float()  # [B, T, 1]
-        log_generate = F.logsigmoid(gate) + logits.float().log_softmax(dim=-1)  # [B, T, V]
-        # Only the source's tokens get a copy share, so the mixture is computed there and added
-        # on: log P(y) = log_generate(y) + softplus(log copy(y) + log(1 - p_gen) - log_generate(y)).
-        # copy(y) at a source position s sums the attention of every position holding its token;
-        # a token that occurs several times is written once (at its first occurrence).
-        B, T, S = attn.shape
+        return attn, gate
+
+    @staticmethod
+    def additions(attn: torch.Tensor, gate: torch.Tensor, src: torch.Tensor, log_generate_src: torch.Tensor) -> torch.Tensor:
+        """What copying adds to log P at each source position's token [B, T, S]: 0 except at a token's
+        first occurrence with a copy share, where log P(y) = log_generate(y) + added.
+
+        Only the source's tokens get a copy share, so the mixture is computed there:
+        added = softplus(log copy(y) + log(1 - p_gen) - log_generate(y)); copy(y) at a source
+        position s sums the attention of every position holding its token, and a token that occurs
+        several times is counted once (at its first occurrence). log_generate_src [B, T, S] is
+        log_generate at each source position's token.
+        """
+        S = attn.size(-1)
         same = src[:, :, None] == src[:, None, :]  # [B, S, S]
         share = attn @ same.to(attn.dtype)  # [B, T, S]: copy(src[b, s]) at step t
         first = ~(same & torch.ones(S, S, dtype=torch.bool, device=src.device).tril(-1)).any(-1)  # [B, S]
-        index = src[:, None, :].expand(B, T, S)
         has = (share > 0) & first[:, None, :]
         # where the share is 0 nothing is added, and log is never evaluated at 0 (finite gradients)
         log_share = torch.log(torch.where(has, share, torch.ones_like(share)))
-        added = F.softplus(log_share + F.logsigmoid(-gate) - log_generate.gather(2, index))
-        return log_generate.scatter_add(2, index, torch.where(has, added, torch.zeros_like(added)))
+        added = F.softplus(log_share + F.logsigmoid(-gate) - log_generate_src)
+        return torch.where(has, added, torch.zeros_like(added))
+
+    def forward(self, h: torch.Tensor, logits: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor],
+                src: torch.Tensor, src_mask: torch.Tensor | None, prev: torch.Tensor) -> torch.Tensor:
+        """h [B, T, d] (normed decoder states), logits [B, T, V], prev [B, T] (the decoder's input
+        ids) -> log P [B, T, V] (float32)."""
+        attn, gate = self.read(h, memory, src, src_mask, prev)
+        log_generate = F.logsigmoid(gate) + logits.float().log_softmax(dim=-1)  # [B, T, V]
+        index = src[:, None, :].expand(*attn.shape)
+        return log_generate.scatter_add(2, index, self.additions(attn, gate, src, log_generate.gather(2, index)))
+
+    def loss(self, h: torch.Tensor, logits: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor],
+             src: torch.Tensor, src_mask: torch.Tensor | None, prev: torch.Tensor, labels: torch.Tensor,
+             label_smoothing: float = 0.0, ignore_index: int = -100) -> torch.Tensor:
+        """The summed label-smoothed cross-entropy of :meth:`forward`'s distribution over the tokens
+        whose label is not ``ignore_index``, without building that distribution ([B, T, V] tensors
+        cost most of a step at a few thousand tokens of vocabulary):
+
+            -log P(y) = -log_generate(y) - added(y)
+            -mean_v log P(v) = -log sigmoid(gate) - mean_v log_softmax(logits)_v - sum_s added_s / V
+        """
+        attn, gate = self.read(h, memory, src, src_mask, prev)
+        log_softmax = logits.float().log_softmax(dim=-1)  # [B, T, V]: the only tensor of that size
+        keep = labels != ignore_index
+        target = labels.masked_fill(~keep, 0)
+        picked = log_softmax.gather(2, torch.cat([target[..., None], src[:, None, :].expand(*attn.shape)], dim=-1))
+        log_generate = F.logsigmoid(gate) + picked  # [B, T, 1 + S]: at the label, then at each source token
+        added = self.additions(attn, gate, src, log_generate[..., 1:])
+        log_p_label = log_generate[..., 0] + (added * (src[:, None, :] == target[..., None])).sum(-1)
+        mean_log_p = F.logsigmoid(gate)[..., 0] + log_softmax.mean(-1) + added.sum(-1) / log_softmax.size(-1)
+        per_token = -(1.0 - label_smoothing) * log_p_label - label_smoothing * mean_log_p
+        return per_token.masked_fill(~keep, 0.0).sum()
 
 
 class Seq2SeqBlock(Block):
@@ -264,6 +301,16 @@ class Seq2SeqLM(nn.Module):
         """
         if self.copy_head is not None and src is None:
             raise ValueError("a copy-attention model decodes with the source ids (src=...)")
+        h = self._states(tgt, memory, memory_mask, cache, last_only)
+        logits = self.lm_head(h).float()[..., : self.cfg.vocab_size]
+        if self.copy_head is None:
+            return logits
+        prev = tgt[:, -1:] if last_only else tgt
+        return self.copy_head(h, logits, self._copy_memory(memory), src, memory_mask, prev)
+
+    def _states(self, tgt: torch.Tensor, memory, memory_mask: torch.Tensor | None, cache: KVCache | None,
+                last_only: bool) -> torch.Tensor:
+        """The decoder's final normed states [B, T, d] ([B, 1, d] if last_only)."""
         start = cache.length if cache is not None else 0
         x, rope = self._embed(tgt, self.tok_emb, self.pos_emb, self.embed_norm, start)
         for i, block in enumerate(self.blocks):
@@ -274,17 +321,26 @@ class Seq2SeqLM(nn.Module):
             cache.advance(tgt.size(1))
         if last_only:
             x = x[:, -1:]
-        h = self.norm_f(x)
+        return self.norm_f(x)
+
+    def _copy_memory(self, memory) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.copy_head.project(memory) if isinstance(memory, torch.Tensor) else memory[-1]
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, label_smoothing: float = 0.0) -> torch.Tensor:
+        """Teacher forcing: logits [B, T, vocab_size] of the next target token at every target position.
+
+        With ``labels`` [B, T] (-100 where there is none) the summed label-smoothed cross-entropy
+        instead, the training loss: a copy head then never builds its full [B, T, V] distribution.
+        """
+        memory = self.encode(src, src_mask)
+        if labels is None:
+            return self.decode(tgt, memory, src_mask, src=src)
+        h = self._states(tgt, memory, src_mask, None, False)
         logits = self.lm_head(h).float()[..., : self.cfg.vocab_size]
         if self.copy_head is None:
-            return logits
-        copy_memory = self.copy_head.project(memory) if isinstance(memory, torch.Tensor) else memory[-1]
-        prev = tgt[:, -1:] if last_only else tgt
-        return self.copy_head(h, logits, copy_memory, src, memory_mask, prev)
-
-    def forward(self, src: torch.Tensor, tgt: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher forcing: logits [B, T, vocab_size] of the next target token at every target position."""
-        return self.decode(tgt, self.encode(src, src_mask), src_mask, src=src)
+            return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", label_smoothing=label_smoothing)
+        return self.copy_head.loss(h, logits, self._copy_memory(memory), src, src_mask, tgt, labels, label_smoothing)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         """Parameters (shared tensors counted once); ``exclude_embeddings`` leaves out the lookup tables."""

@@ -150,6 +150,13 @@ class Batch:
             return model(self.src, self.inputs, self.src_mask)
         return model(self.inputs)
 
+    def loss(self, model, label_smoothing: float = 0.0) -> torch.Tensor:
+        """:func:`sequence_loss` of the batch; an encoder-decoder computes it in its forward (a copy
+        head then never builds its full distribution)."""
+        if self.src is not None:
+            return model(self.src, self.inputs, self.src_mask, labels=self.labels, label_smoothing=label_smoothing)
+        return sequence_loss(self.logits(model), self.labels, label_smoothing)
+
 
 def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Sum over target tokens of the label-smoothed cross-entropy (the caller divides by the

@@ -136,7 +136,7 @@ def _check_positions(mcfg: ModelConfig, cfg: Config) -> None:
 def pair_loss(model: nn.Module, batch: Batch, label_smoothing: float = 0.0) -> torch.Tensor:
     """Summed (label-smoothed) cross-entropy of a batch's target tokens (moved to the model's device)."""
     batch = batch.to(next(model.parameters()).device)
-    return sequence_loss(batch.logits(model), batch.labels, label_smoothing)
+    return batch.loss(model, label_smoothing)
 
 
 def pair_count(batch: Batch) -> int:
