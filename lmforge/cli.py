@@ -65,7 +65,8 @@ QUIET = arg("--quiet", "-q", action="store_true", help="no progress bar")
 DEVICE = arg("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
 
 FINETUNE = (
-    arg("--train", default=None, metavar="FILE", help="training examples (sets task.train_file)"),
+    arg("--train", default=None, nargs="+", metavar="FILE",
+        help="training examples (sets task.train_file); sentiment and srl read several files as one set"),
     arg("--valid", default=None, metavar="FILE", help="validation examples (sets task.valid_file)"),
     arg("--init-from", default=None, metavar="CKPT",
         help="start from this checkpoint's weights and tokenizer: a language model from `lmforge train` "
@@ -261,6 +262,14 @@ COMMANDS: tuple[Command, ...] = (
                     help="largest max_tokens a request may ask for (default: the model's context length)"),
                 DEVICE,
             )),
+    Command("sentiment-data", "the rated tweets and news-editorial sentences of the vaderSentiment package as TSV",
+            "Read the human-rated tweets and New York Times editorial sentences from the vaderSentiment source "
+            "package (pip download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d DIR) and write "
+            "OUT_DIR/tweets.tsv and OUT_DIR/nyt.tsv (text, label: positive above a mean rating of 0, negative "
+            "below), more training data for `lmforge finetune sentiment --train`. Its movie and product-review "
+            "sentences are never read.",
+            c.cmd_sentiment_data, (arg("sdist", help="vaderSentiment-3.3.2.tar.gz"),
+                                   arg("out_dir", help="folder for tweets.tsv and nyt.tsv"))),
     Command("lora-merge", "fold a LoRA task checkpoint's adapters into its weights",
             "Add each adapter's low-rank update (alpha/r * B A) to its weight and write a plain checkpoint "
             "(task.tuning=full) with the same outputs to OUT_DIR/checkpoints/.",

