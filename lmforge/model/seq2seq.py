@@ -161,8 +161,8 @@ class CopyHead(nn.Module):
              src: torch.Tensor, src_mask: torch.Tensor | None, prev: torch.Tensor, labels: torch.Tensor,
              label_smoothing: float = 0.0, ignore_index: int = -100) -> torch.Tensor:
         """The summed label-smoothed cross-entropy of :meth:`forward`'s distribution over the tokens
-        whose label is not ``ignore_index``, without building that distribution ([B, T, V] tensors
-        cost most of a step at a few thousand tokens of vocabulary):
+        whose label is not ``ignore_index``, without building that distribution (the mixture, its
+        scatter and the loss's second log-softmax over it are [B, T, V] float32 tensors each):
 
             -log P(y) = -log_generate(y) - added(y)
             -mean_v log P(v) = -log sigmoid(gate) - mean_v log_softmax(logits)_v - sum_s added_s / V

@@ -28,7 +28,7 @@ NAME = "sentiment"
 
 
 def read_labelled(path: str | Path, text_key: str = "text", label_key: str = "label",
-                  with_labels: bool = True) -> list[tuple[str, str | None, int]]:
+                  with_labels: bool = True) -> list[tuple[str, str | None, str]]:
     """(text, label, "file:line") rows of a TSV file with a header row. Unquoted fields, split on tabs."""
     p = Path(path)
     if not p.is_file():
