@@ -1,5 +1,6 @@
 """Encoder-decoder model: cross-attention against its float64 formula, masks, caching, loss, learning."""
 
+import copy
 import functools
 import math
 import random
@@ -467,3 +468,35 @@ def test_sinusoidal_encoder_decoder_learns_to_copy_long_sequences_quickly():
         opt.zero_grad()
         losses.append(loss.item())
     assert sum(losses[-20:]) / 20 < 0.5  # chance is ln 36 = 3.58
+
+
+def test_adamw_moments_saved_for_the_copy_heads_scalar_still_resume():
+    """An optimizer state saved when ``follow`` was 0-d resumes into the (1,) parameter and steps
+    exactly as the state saved with the vector."""
+    from lmforge.train.optim import load_optimizer_state
+
+    def step(m, opt):
+        src, tgt = torch.randint(3, V, (2, 6)), torch.randint(3, V, (2, 5))
+        opt.zero_grad()
+        m(src, tgt, labels=torch.randint(3, V, (2, 5)), label_smoothing=0.1).backward()
+        opt.step()
+
+    m = model(copy_attention=True).train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    torch.manual_seed(3)
+    step(m, opt)
+    saved = copy.deepcopy(opt.state_dict())  # as read from a file: no tensor shared with opt
+    old = copy.deepcopy(saved)
+    index = [n for n, _ in m.named_parameters()].index("copy_head.follow")
+    for key in ("exp_avg", "exp_avg_sq"):
+        old["state"][index][key] = saved["state"][index][key].reshape(())  # as saved before
+    runs = []
+    for state in (saved, old):
+        fresh = model(copy_attention=True).train()
+        fresh.load_state_dict(m.state_dict())
+        opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+        load_optimizer_state(opt2, copy.deepcopy(state))
+        torch.manual_seed(4)
+        step(fresh, opt2)
+        runs.append(fresh.copy_head.follow.detach().clone())
+    assert runs[0].shape == (1,) and torch.equal(runs[0], runs[1])

@@ -108,6 +108,17 @@ def build_optimizer(model: nn.Module, tcfg: TrainConfig, device: torch.device | 
     )
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, with a moment saved for a one-element parameter as a
+    0-d tensor (the copy head's ``follow`` was a scalar before FSDP2 needed a vector) given the
+    parameter's shape, as ``load_weights`` does for the weight itself."""
+    optimizer.load_state_dict(state)
+    for p, s in optimizer.state.items():
+        for key, value in s.items():
+            if key != "step" and torch.is_tensor(value) and value.shape != p.shape and value.numel() == p.numel() == 1:
+                s[key] = value.reshape(p.shape)
+
+
 def lr_at(step: int, tcfg: TrainConfig, elapsed: float = 0.0) -> float:
     """Learning rate of optimizer step ``step`` (0-based), ``elapsed`` seconds into the run.
 

@@ -35,7 +35,7 @@ from lmforge.train import sharded as sharded_io
 from lmforge.train.distributed import World, all_reduce_sum, gradient_sync
 from lmforge.lock import DirectoryLock
 from lmforge.train.objective import Objective, Run, say_stderr, seed_everything
-from lmforge.train.optim import build_optimizer, lr_at, newton_schulz_dtype, set_lr
+from lmforge.train.optim import build_optimizer, load_optimizer_state, lr_at, newton_schulz_dtype, set_lr
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -264,7 +264,7 @@ def _fit(cfg: Config, objective: Objective, resume: bool | str | int, world: Wor
             elif world.distributed:
                 sharded_io.load_full_optimizer_state(model, optimizer, state["optimizer"])
             else:
-                optimizer.load_state_dict(state["optimizer"])
+                load_optimizer_state(optimizer, state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as e:
             raise LMForgeError(
                 f"the optimizer state in {resume_from} does not fit this model ({str(e).splitlines()[0]}); "
