@@ -143,10 +143,12 @@ class TokenClassifier(nn.Module):
         return self.classifier(self.states(idx, attention_mask, indicator)).float()
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy over tokens whose label is not IGNORE_INDEX (non-first subwords, padding)."""
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean",
+               label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over tokens whose label is not IGNORE_INDEX (non-first subwords, padding).
+    With smoothing eps: (1 - eps) * nll + eps * mean_v(-log p_v)."""
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
+                           ignore_index=IGNORE_INDEX, reduction=reduction, label_smoothing=label_smoothing)
 
 
 # ------------------------------------------------------------------------------------ words and subwords

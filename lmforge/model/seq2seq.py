@@ -25,9 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
+from lmforge.data.padding import IGNORE_INDEX
 from lmforge.errors import LMForgeError
 from lmforge.model.decoder import DecoderLM
 from lmforge.model.dropout import Dropout
+from lmforge.model.heads import token_loss
 from lmforge.model.layers import (
     Block,
     KVCache,
@@ -159,7 +161,7 @@ class CopyHead(nn.Module):
 
     def loss(self, h: torch.Tensor, logits: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor],
              src: torch.Tensor, src_mask: torch.Tensor | None, prev: torch.Tensor, labels: torch.Tensor,
-             label_smoothing: float = 0.0, ignore_index: int = -100) -> torch.Tensor:
+             label_smoothing: float = 0.0, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
         """The summed label-smoothed cross-entropy of :meth:`forward`'s distribution over the tokens
         whose label is not ``ignore_index``, without building that distribution (the mixture, its
         scatter and the loss's second log-softmax over it are [B, T, V] float32 tensors each):
@@ -172,10 +174,11 @@ class CopyHead(nn.Module):
         keep = labels != ignore_index
         target = labels.masked_fill(~keep, 0)
         picked = log_softmax.gather(2, torch.cat([target[..., None], src[:, None, :].expand(*attn.shape)], dim=-1))
-        log_generate = F.logsigmoid(gate) + picked  # [B, T, 1 + S]: at the label, then at each source token
+        log_gate = F.logsigmoid(gate)  # log p_gen [B, T, 1]
+        log_generate = log_gate + picked  # [B, T, 1 + S]: at the label, then at each source token
         added = self.additions(attn, gate, src, log_generate[..., 1:])
         log_p_label = log_generate[..., 0] + (added * (src[:, None, :] == target[..., None])).sum(-1)
-        mean_log_p = F.logsigmoid(gate)[..., 0] + log_softmax.mean(-1) + added.sum(-1) / log_softmax.size(-1)
+        mean_log_p = log_gate[..., 0] + log_softmax.mean(-1) + added.sum(-1) / log_softmax.size(-1)
         per_token = -(1.0 - label_smoothing) * log_p_label - label_smoothing * mean_log_p
         return per_token.masked_fill(~keep, 0.0).sum()
 
@@ -339,7 +342,7 @@ class Seq2SeqLM(nn.Module):
         h = self._states(tgt, memory, src_mask, None, False)
         logits = self.lm_head(h).float()[..., : self.cfg.vocab_size]
         if self.copy_head is None:
-            return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum", label_smoothing=label_smoothing)
+            return token_loss(logits, labels, "sum", label_smoothing)
         return self.copy_head.loss(h, logits, self._copy_memory(memory), src, src_mask, tgt, labels, label_smoothing)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:

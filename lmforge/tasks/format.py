@@ -24,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from lmforge.data.padding import IGNORE_INDEX, pad_batch
 from lmforge.errors import LMForgeError
+from lmforge.model.heads import token_loss
 
 PAD, BOS, SEP = "<pad>", "<s>", "<sep>"
 
@@ -162,5 +162,4 @@ def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: f
     """Sum over target tokens of the label-smoothed cross-entropy (the caller divides by the
     number of target tokens). With smoothing eps the target distribution is (1 - eps) on the
     reference token plus eps / V on every token: loss = (1 - eps) * nll + eps * mean_v(-log p_v)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum", label_smoothing=label_smoothing)
+    return token_loss(logits.float(), labels, "sum", label_smoothing)
