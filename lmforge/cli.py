@@ -109,6 +109,8 @@ def decoding(batch: int) -> tuple[Arg, ...]:
             help="never repeat an n-gram of this size (default: task.no_repeat_ngram_size)"),
         arg("--no-repeat-words", choices=["yes", "no"], default=None,
             help="never begin two words with the same token (default: task.no_repeat_words)"),
+        arg("--source-words", choices=["yes", "no"], default=None,
+            help="write a word of several pieces only as the source has it (default: task.source_words)"),
         arg("--max-len-a", type=float, default=None,
             help="output limit = a * source tokens + b (default: task.max_len_a)"),
         arg("--max-len-b", type=int, default=None, help="see --max-len-a (default: task.max_len_b)"),

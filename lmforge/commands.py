@@ -379,6 +379,7 @@ def _decoding_from_args(task_cfg, args: argparse.Namespace):
                               length_penalty=getattr(args, "length_penalty", None),
                               no_repeat_ngram_size=getattr(args, "no_repeat_ngram_size", None),
                               no_repeat_words={"yes": True, "no": False}.get(getattr(args, "no_repeat_words", None)),
+                              source_words={"yes": True, "no": False}.get(getattr(args, "source_words", None)),
                               max_len_a=getattr(args, "max_len_a", None), max_len_b=getattr(args, "max_len_b", None))
 
 

@@ -397,6 +397,10 @@ class TaskConfig:
     #: words are one token, no word is written twice ("U2, U2 to rock U2"); with BPE, no word-initial
     #: piece; no effect with a character-level tokenizer
     no_repeat_words: bool = False
+    #: write a word of several pieces only as the source holds it, and begin the next word only once
+    #: it is whole ("screenss", "Lifese" are not written): for outputs that copy their rare words
+    #: (summarization with a WordPiece vocabulary); no effect with a character-level tokenizer
+    source_words: bool = False
     #: output length limit = max_len_a * source tokens + max_len_b (end token included)
     max_len_a: float = 1.5
     #: see max_len_a

@@ -61,7 +61,7 @@ class Tokenizer:
         self._char_table = self._build_char_table() if is_char else None
         self._fast_bpe: object = None if is_char else _UNCHECKED  # see _fast_encoder
         self._model_spec = {k: model.get(k) for k in ("type", "continuing_subword_prefix")}
-        self._word_initial: frozenset[int] | None = None
+        self._pieces: tuple[frozenset[int], frozenset[int]] | None = None  # see _word_pieces
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -231,19 +231,33 @@ class Tokenizer:
         its continuation mark (``##``); a BPE's or unigram's tokens that start with the space mark
         (``Ġ`` byte-level, ``▁`` SentencePiece). Empty for a character-level tokenizer, whose tokens
         are letters, and special tokens are never included."""
-        if self._word_initial is None:
+        return self._word_pieces()[0]
+
+    def continuation_ids(self) -> frozenset[int]:
+        """Ids of the pieces that continue the word before them: a WordPiece's ``##`` tokens, a BPE's
+        or unigram's tokens without the space mark, each starting with a letter or digit. Empty for a
+        character-level tokenizer; special tokens are never included."""
+        return self._word_pieces()[1]
+
+    def _word_pieces(self) -> tuple[frozenset[int], frozenset[int]]:
+        if self._pieces is None:
             special = set(self._hf.get_added_tokens_decoder())
-            if self.kind == "char":
-                starts = frozenset()
-            elif self._model_spec["type"] == "WordPiece":
-                mark = self._model_spec["continuing_subword_prefix"] or "##"
-                starts = frozenset(i for t, i in self._hf.get_vocab().items()
-                                   if not t.startswith(mark) and any(c.isalnum() for c in t))
-            else:
-                starts = frozenset(i for t, i in self._hf.get_vocab().items()
-                                   if t[:1] in ("Ġ", "▁") and any(c.isalnum() for c in t[1:]))
-            self._word_initial = starts - special
-        return self._word_initial
+            initial, continues = set(), set()
+            wordpiece = self._model_spec["type"] == "WordPiece"
+            mark = (self._model_spec["continuing_subword_prefix"] or "##") if wordpiece else ""
+            for t, i in ({} if self.kind == "char" else self._hf.get_vocab()).items():
+                if i in special:
+                    continue
+                if wordpiece and t.startswith(mark):
+                    if t[len(mark):][:1].isalnum():
+                        continues.add(i)
+                elif wordpiece or t[:1] in ("Ġ", "▁"):
+                    if any(c.isalnum() for c in (t if wordpiece else t[1:])):
+                        initial.add(i)
+                elif t[:1].isalnum():
+                    continues.add(i)
+            self._pieces = (frozenset(initial), frozenset(continues))
+        return self._pieces
 
     def id_to_token(self, i: int) -> str | None:
         return self._hf.id_to_token(i)

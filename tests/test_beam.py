@@ -223,8 +223,74 @@ def test_decoding_flags_of_the_cli_reach_the_search_settings():
     from lmforge.config import TaskConfig
 
     parser = build_parser()
-    for flag, task_value, expected in (("yes", False, True), ("no", True, False), (None, True, True)):
-        argv = ["summarize", "run", "text"] + ([f"--no-repeat-words={flag}"] if flag else [])
-        args, _ = parser.parse_known_args(argv)
-        decoding = _decoding_from_args(TaskConfig(name="summarization", no_repeat_words=task_value), args)
-        assert decoding.no_repeat_words is expected
+    for name in ("no_repeat_words", "source_words"):
+        for flag, task_value, expected in (("yes", False, True), ("no", True, False), (None, True, True)):
+            argv = ["summarize", "run", "text"] + ([f"--{name.replace('_', '-')}={flag}"] if flag else [])
+            args, _ = parser.parse_known_args(argv)
+            decoding = _decoding_from_args(TaskConfig(name="summarization", **{name: task_value}), args)
+            assert getattr(decoding, name) is expected
+
+
+def _source_word_valid(seq, source, continues):
+    """An independent statement of source_words: cut the output and the source into words (a token
+    that is not a continuation piece, or the output's first token, and the continuation pieces after
+    it); every word of several pieces is a word of the source, the last one possibly unfinished."""
+    def words(tokens):
+        out = []
+        for t in tokens:
+            if out and t in continues:
+                out[-1].append(t)
+            else:
+                out.append([t])
+        return [tuple(w) for w in out]
+
+    known = {w for w in words(source) if len(w) > 1}
+    prefixes = {w[:k] for w in known for k in range(2, len(w))}
+    ws = words(seq)
+    return all(len(w) == 1 or w in known or (k == len(ws) - 1 and w in prefixes) for k, w in enumerate(ws))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_source_words_returns_the_best_output_whose_words_the_source_holds(seed):
+    """V = 6: <eos>, two word-initial tokens (1, 2), a punctuation-like token (5), two continuation
+    pieces (3, 4). With beams wide enough to keep everything, the constrained search returns the
+    brute-force best (by log p / length) of the outputs _source_word_valid accepts, for each of two sources at once,
+    and greedy takes the best allowed token at each step."""
+    gen = torch.Generator().manual_seed(seed)
+    V, max_len, continues = 6, 5, frozenset({3, 4})
+    sources = [[1, 3, 4, 2, 5, 2, 3], [2, 4, 4, 1]]
+    prefixes = [p for n in range(max_len) for p in itertools.product(range(1, V), repeat=n)]
+    lean = torch.tensor([0.0, 0.0, 0.0, 2.0, 2.0, 0.0])  # towards the continuation pieces
+    table = {p: (torch.rand(V, generator=gen) + 0.05 + lean).tolist() for p in prefixes}
+    for p in prefixes:
+        if len(p) < 3:  # outputs of 3 tokens or more
+            table[p][EOS] = 0.001
+    table = {p: [x / sum(v) for x in v] for p, v in table.items()}
+
+    def logp(seq):
+        return sum(math.log(table[seq[:t]][seq[t] if t < len(seq) else EOS]) for t in range(len(seq) + 1))
+
+    constraints = beam.Constraints(continues=continues).for_sources(sources)
+    hyps = beam.beam_search(ToyState(2, table, None), [max_len] * 2, EOS, beam_size=len(prefixes),
+                            length_penalty=1.0, early_stopping=False, constraints=constraints)
+    greedy = beam.greedy_search(ToyState(2, table, None), [max_len] * 2, EOS, constraints)
+    kept = []  # whether the best output holds a word of several pieces
+    for i, source in enumerate(sources):
+        valid = [p for p in prefixes if _source_word_valid(p, source, continues)]
+        assert len(valid) < len(prefixes) / 2  # the rule bites
+        best = max(valid, key=lambda p: logp(p) / (len(p) + 1))
+        assert hyps[i][0].tokens == list(best)
+        kept.append(any(t in continues for t in best[1:]))
+        assert {tuple(h.tokens) for h in hyps[i]} <= set(valid)
+        assert hyps[i][0].log_prob == pytest.approx(logp(tuple(hyps[i][0].tokens)))
+        # greedy: the most likely allowed token at each step
+        out = greedy[i]
+        assert _source_word_valid(tuple(out), source, continues)
+        for t in range(len(out) + 1):
+            token = out[t] if t < len(out) else EOS
+            allowed = [x for x in range(V) if x == EOS or _source_word_valid(tuple(out[:t]) + (x,), source, continues)]
+            if t + 1 >= max_len:
+                allowed = [EOS]
+            assert token == max(allowed, key=lambda x: table[tuple(out[:t])][x])
+    assert any(kept)
+

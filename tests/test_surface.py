@@ -75,6 +75,22 @@ def test_word_initial_ids(wordpiece):
     assert char.word_initial_ids() == frozenset()
 
 
+def test_continuation_ids(wordpiece):
+    """source_words' pieces: WordPiece's ## pieces that start with a letter or digit; BPE's pieces
+    without the space mark; none for a character-level tokenizer."""
+    pieces = {wordpiece.id_to_token(i) for i in wordpiece.continuation_ids()}
+    assert {"##bn", "##kos"} <= pieces and all(p.startswith("##") for p in pieces)
+    assert not pieces & wordpiece.word_initial_ids()
+    bpe = Tokenizer.train(["the owner sued the owner over lyrics, and the owner paid. " * 20], kind="bpe",
+                          vocab_size=300)
+    pieces = {bpe.id_to_token(i) for i in bpe.continuation_ids()}
+    assert pieces and all(p[:1].isalnum() for p in pieces)
+    assert not pieces & {bpe.id_to_token(i) for i in bpe.word_initial_ids()} and not pieces & set(bpe.special_tokens)
+    assert "," not in pieces
+    char = Tokenizer.train(["abc abc"], kind="char")
+    assert char.continuation_ids() == frozenset()
+
+
 def test_possessive_quote_the_source_does_not_have(wordpiece):
     ids = wordpiece.encode("owner ' s lyrics sued")
     assert surface_text(wordpiece, "Rude lyrics were sued.", ids) == "Owner's lyrics sued"

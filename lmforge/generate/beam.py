@@ -21,7 +21,7 @@ the K-th best finished one; and at its length limit, where only <eos> is allowed
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 import torch
@@ -115,22 +115,63 @@ def banned_ngram_tokens(tokens: Sequence[int], n: int) -> set[int]:
     return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
 
 
+def current_word(tokens: Sequence[int], continues: frozenset[int]) -> tuple[int, ...]:
+    """The word the output ends in: its last token that is not a continuation piece and the pieces
+    after it (the continuation pieces alone where the output opens with them)."""
+    j = len(tokens)
+    while j > 0 and tokens[j - 1] in continues:
+        j -= 1
+    return tuple(tokens[max(j - 1, 0):])
+
+
+class SourceWords:
+    """The words of several pieces that one source holds (a token that is not a continuation piece
+    and the continuation pieces after it): which piece may follow each of their beginnings, and
+    which are whole."""
+
+    def __init__(self, source: Sequence[int], continues: frozenset[int]):
+        self.next: dict[tuple[int, ...], set[int]] = {}
+        self.whole: set[tuple[int, ...]] = set()
+        word: list[int] = []
+        for t in [*source, None]:
+            if t is not None and t in continues and word:
+                word.append(t)
+                continue
+            if len(word) > 1:
+                self.whole.add(tuple(word))
+                for k in range(1, len(word)):
+                    self.next.setdefault(tuple(word[:k]), set()).add(word[k])
+            word = [] if t is None else [t]
+
+
 @dataclass(frozen=True)
 class Constraints:
     """What an output may not do: repeat an n-gram of ``no_repeat_ngram_size`` tokens, put a token
-    right after itself (``no_immediate_repeat``), or hold a token of ``once`` twice (the task's
-    ``no_repeat_words``: the tokenizer's word-initial tokens, so that no word begins twice)."""
+    right after itself (``no_immediate_repeat``), hold a token of ``once`` twice (the task's
+    ``no_repeat_words``: the tokenizer's word-initial tokens, so that no word begins twice), or,
+    given ``continues`` (the tokenizer's continuation pieces: the task's ``source_words``), write
+    a word of several pieces that its source does not hold: a continuation piece may only extend
+    the word begun so far towards a word of the source, and a next word (not <eos>) may only begin
+    once that word is whole. ``words``: each source's :class:`SourceWords` (:meth:`for_sources`)."""
 
     no_repeat_ngram_size: int = 0
     no_immediate_repeat: bool = False
     once: frozenset[int] = frozenset()
+    continues: frozenset[int] = frozenset()
+    words: tuple[SourceWords, ...] = ()
 
     @property
     def active(self) -> bool:
-        return self.no_repeat_ngram_size > 0 or self.no_immediate_repeat or bool(self.once)
+        return self.no_repeat_ngram_size > 0 or self.no_immediate_repeat or bool(self.once) or bool(self.continues)
+
+    def for_sources(self, sources: Sequence[Sequence[int]]) -> "Constraints":
+        """These constraints for a batch of sources (each row of a search names its source's index)."""
+        if not self.continues:
+            return self
+        return replace(self, words=tuple(SourceWords(s, self.continues) for s in sources))
 
     def banned(self, tokens: Sequence[int]) -> set[int]:
-        """The tokens that may not come after ``tokens``."""
+        """The tokens that may not come after ``tokens`` (the constraints that need no source)."""
         banned = banned_ngram_tokens(tokens, self.no_repeat_ngram_size)
         if self.no_immediate_repeat and tokens:
             banned.add(tokens[-1])
@@ -138,24 +179,48 @@ class Constraints:
             banned.update(t for t in tokens if t in self.once)
         return banned
 
+    def word_ban(self, rows: Sequence[tuple[Sequence[int], bool, int]], vocab_size: int, eos_id: int) -> torch.Tensor:
+        """[rows, vocab] True where ``continues``' rule forbids the token (never <eos>)."""
+        cont = torch.zeros(vocab_size, dtype=torch.bool)
+        cont[[t for t in self.continues if t < vocab_size]] = True
+        ban = torch.zeros(len(rows), vocab_size, dtype=torch.bool)
+        extend, open_rows, keep_rows, keep_tokens = [], [], [], []
+        for r, (tokens, _, i) in enumerate(rows):
+            word = current_word(tokens, self.continues)
+            if not word:
+                continue
+            extend.append(r)
+            nxt = self.words[i].next.get(word, ())
+            keep_rows += [r] * len(nxt)
+            keep_tokens += nxt
+            if len(word) > 1 and word not in self.words[i].whole:
+                open_rows.append(r)
+        ban[extend] = cont
+        ban[keep_rows, keep_tokens] = False
+        ban[open_rows] |= ~cont
+        ban[:, eos_id] = False
+        return ban
+
 
 NONE = Constraints()
 
 
-def _constrain(logp: torch.Tensor, rows: list[tuple[Sequence[int], bool]], eos_id: int,
+def _constrain(logp: torch.Tensor, rows: list[tuple[Sequence[int], bool, int]], eos_id: int,
                constraints: Constraints = NONE) -> torch.Tensor:
     """Ban what ``constraints`` forbid (never <eos>), and allow only <eos> on rows at their length
-    limit. rows[i] = (tokens, at_limit)."""
+    limit. rows[i] = (tokens, at_limit, index of the row's source)."""
     if constraints.active:
         ban_rows, ban_tokens = [], []
-        for r, (tokens, _) in enumerate(rows):
+        for r, (tokens, _, _) in enumerate(rows):
             banned = constraints.banned(tokens)
             banned.discard(eos_id)
             ban_rows += [r] * len(banned)
             ban_tokens += banned
         if ban_rows:
             logp[ban_rows, ban_tokens] = -math.inf
-    limit = [r for r, (_, at_limit) in enumerate(rows) if at_limit]
+        if constraints.continues:
+            logp.masked_fill_(constraints.word_ban(rows, logp.size(-1), eos_id).to(logp.device), -math.inf)
+    limit = [r for r, (_, at_limit, _) in enumerate(rows) if at_limit]
     if limit:
         eos_col = logp[limit, eos_id].clone()
         logp[limit] = -math.inf
@@ -178,7 +243,8 @@ def greedy_search(state: DecodeState, max_lens: Sequence[int], eos_id: int,
     while True:
         logp = logits.float()
         if constraints.active or any(t + 1 >= max_lens[i] for i in alive):
-            logp = _constrain(logp.clone(), [(outputs[i], t + 1 >= max_lens[i]) for i in alive], eos_id, constraints)
+            logp = _constrain(logp.clone(), [(outputs[i], t + 1 >= max_lens[i], i) for i in alive], eos_id,
+                             constraints)
         chosen = logp.argmax(dim=-1)
         keep = []
         for r, (i, token) in enumerate(zip(alive, chosen.tolist())):
@@ -227,7 +293,7 @@ def beam_search(state: DecodeState, max_lens: Sequence[int], eos_id: int, beam_s
         width = scores.size(1)
         logp = F.log_softmax(logits.float(), dim=-1).double()
         V = logp.size(-1)
-        rows = [(beams[i][b], t + 1 >= max_lens[i]) for i in alive for b in range(width)]
+        rows = [(beams[i][b], t + 1 >= max_lens[i], i) for i in alive for b in range(width)]
         logp = _constrain(logp, rows, eos_id, constraints)
         candidates = (scores.to(logp.device).reshape(-1, 1) + logp).reshape(len(alive), width * V)
         top_scores, top_index = candidates.topk(min(2 * K, width * V), dim=1)

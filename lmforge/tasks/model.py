@@ -33,6 +33,7 @@ class Decoding:
     no_repeat_ngram_size: int = _TASK.no_repeat_ngram_size
     no_immediate_repeat: bool = _TASK.no_immediate_repeat
     no_repeat_words: bool = _TASK.no_repeat_words
+    source_words: bool = _TASK.source_words
     max_len_a: float = _TASK.max_len_a
     max_len_b: int = _TASK.max_len_b
 
@@ -60,11 +61,14 @@ def output_limit(mcfg: ModelConfig, source_len: int, decoding: Decoding) -> int:
 
 @torch.no_grad()
 def decode_ids(model: nn.Module, fmt: TaskFormat, sources: Sequence[list[int]], decoding: Decoding,
-               batch_size: int = 32, word_initial: frozenset[int] = frozenset()) -> list[list[int]]:
+               batch_size: int = 32, tokenizer=None) -> list[list[int]]:
     """Output token ids (without <eos>) for formatted sources, in batches of similar length.
-    ``word_initial``: the tokenizer's word-initial ids, for ``decoding.no_repeat_words``."""
-    constraints = beam.Constraints(decoding.no_repeat_ngram_size, decoding.no_immediate_repeat,
-                                   word_initial if decoding.no_repeat_words else frozenset())
+    ``tokenizer``: the one the model reads, for ``decoding.no_repeat_words`` and ``source_words``
+    (its word-initial and continuation pieces; without it those two have no effect)."""
+    constraints = beam.Constraints(
+        decoding.no_repeat_ngram_size, decoding.no_immediate_repeat,
+        tokenizer.word_initial_ids() if tokenizer is not None and decoding.no_repeat_words else frozenset(),
+        tokenizer.continuation_ids() if tokenizer is not None and decoding.source_words else frozenset())
     was_training = model.training
     model.eval()
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
@@ -79,7 +83,7 @@ def decode_ids(model: nn.Module, fmt: TaskFormat, sources: Sequence[list[int]], 
             else:
                 state = beam.DecoderOnlyState(model, srcs, fmt.ids.pad, max(max_lens))
             outs = beam.decode(state, max_lens, fmt.ids.eos, decoding.beam_size, decoding.length_penalty,
-                               decoding.early_stopping, constraints)
+                               decoding.early_stopping, constraints.for_sources(srcs))
             for i, out in zip(chunk, outs):
                 outputs[i] = out
     finally:
@@ -115,8 +119,8 @@ class TaskModel:
         return self.output_texts(texts, self.decode_ids(sources, decoding, batch_size))
 
     def decode_ids(self, sources: Sequence[list[int]], decoding: Decoding, batch_size: int = 32) -> list[list[int]]:
-        """Output token ids for formatted sources (:func:`decode_ids` with this tokenizer's words)."""
-        return decode_ids(self.model, self.fmt, sources, decoding, batch_size, self.tokenizer.word_initial_ids())
+        """Output token ids for formatted sources (:func:`decode_ids` with this model's tokenizer)."""
+        return decode_ids(self.model, self.fmt, sources, decoding, batch_size, self.tokenizer)
 
     def output_texts(self, sources: Sequence[str], outputs: Sequence[list[int]]) -> list[str]:
         """The text of each output, written as its source writes what it copies (a lossy tokenizer
