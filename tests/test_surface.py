@@ -41,6 +41,10 @@ def wordpiece():
     ("it ' s great", "It's great"),                                            # ... and in full, as written
     ('" rude lyrics " sued', '"Rude lyrics" sued'),                            # first letter after the mark
     ("wal-mart ' sued ' over ' rude ' lyrics", "Wal-Mart 'sued' over 'rude' lyrics"),
+    ("mart - owner sued", "Mart-owner sued"),                # a hyphen against one word only joins both
+    ("wal - sued", "Wal-sued"),                              # (the copied run "Wal-" ends at the hyphen)
+    ("owner sued -", "Owner sued"),                          # a hyphen at either end is dropped
+    ("- owner sued", "Owner sued"),
 ])
 def test_surface_from_source(wordpiece, output, expected):
     ids = wordpiece.encode(output)

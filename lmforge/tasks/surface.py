@@ -14,7 +14,10 @@ mark only inside it, as in ``O'Neill`` or ``Yukos's``): before ``s`` it is the p
 (``Labour's``, and ``MPs'`` after a word ending in ``s``); otherwise marks pair up from the left,
 each pair around the words between them (``Blair 'will not quit'``), and a last mark without a
 partner is the possessive of a word ending in ``s`` (``Yukos' owner``) or, after any other word,
-dropped: headlines have no other lone quotation mark.
+dropped: headlines have no other lone quotation mark. A hyphen written against one word only
+(``Net- spam``, where a copied run ended at the source's ``Net-``) joins both (``Net-spam``), and
+one at either end of the output is dropped: headlines join a hyphen on both sides or space it on
+both (``Blunkett row should end - Blair``).
 
 A tokenizer that gives a source back as it was (byte-level BPE, a cased SentencePiece) loses
 nothing: its decoding is the output text, untouched.
@@ -37,6 +40,8 @@ _QUOTES = ("'", '"')
 _POSSESSIVE = re.compile(r"s\b")
 _SPACE_BEFORE_CLOSING = re.compile(r"\s+([,.;:!?%)\]}])")
 _SPACE_AFTER_OPENING = re.compile(r"([$£€#(\[{])\s+")
+_ONE_SIDED_HYPHEN = re.compile(r"(?<=\w)- (?=\w)|(?<=\w) -(?=\w)")
+_END_HYPHEN = re.compile(r"^[\s-]*-\s*|\s*-[\s-]*$")
 
 
 def lossless(tokenizer, text: str, ids: Sequence[int] | None = None) -> bool:
@@ -117,7 +122,7 @@ def surface_text(tokenizer, source: str, output: Sequence[int]) -> str:
         attached = offsets[at][0] > 0 and not source[offsets[at][0] - 1].isspace() and not text[0].isalnum()
         parts.append((text, joined or attached or first.startswith(_CONTINUES) or text.startswith(_CLOSING)))
     flush()
-    return _capitalised(_joined(parts))
+    return _capitalised(_END_HYPHEN.sub("", _ONE_SIDED_HYPHEN.sub("-", _joined(parts))))
 
 
 def _joined(parts: list[tuple[str, bool]]) -> str:
