@@ -375,6 +375,10 @@ class TaskConfig:
     overlong: str = "truncate"
     #: tokens per micro-batch, padding included (batches are built by length; train.batch_size is unused)
     batch_tokens: int = 4096
+    #: seq2seq: train also on this many copies of each pair whose target carries names over from its
+    #: source unchanged, those names replaced in both by made-up ones, so that the model learns to copy
+    #: names it has never seen (0 = off)
+    made_up_names: int = 0
     #: label smoothing of the cross-entropy, normalised by target tokens (0 = plain maximum likelihood)
     label_smoothing: float = 0.1
     #: validation metric logged during training and drawn in <metric>.png: bleu, chrf, rouge1, rouge2, rougeL
@@ -441,6 +445,8 @@ class TaskConfig:
                 raise LMForgeError(f"task.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_target_len < 2:
             raise LMForgeError("task.max_target_len must be at least 2 (one token and the end token)")
+        if self.made_up_names < 0:
+            raise LMForgeError(f"task.made_up_names must not be negative (0 = off), got {self.made_up_names}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise LMForgeError(f"task.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_len_a < 0 or self.max_len_b < 0 or self.max_len_a == self.max_len_b == 0:

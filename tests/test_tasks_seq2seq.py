@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,49 @@ def test_names_kept_counts_the_names_a_reference_carries_over_from_its_source():
     got = metrics.score(["bleu", "chrf", "names"], hypotheses, references, sources)
     assert got["names"] == pytest.approx(50.0) and got.keys() == {"bleu", "chrf", "names"}
     assert "names" not in metrics.score(["bleu", "names"], hypotheses[1:], references[1:], sources[1:])
+
+def test_made_up_names_replace_the_carried_names_alike_in_both_texts():
+    from lmforge.tasks.translation import with_made_up_names
+
+    pairs = [("And Elimelech went to Beth-lehem-judah with Naomi", "Y Elimelech fué á Beth-lehem-judah con Noemi"),
+             ("Then Elimelech said, Elimelech is here", "Entonces dijo Elimelech: Elimelech está aquí"),
+             ("Boaz said", "Boaz dijo"),  # the target's first word: not counted as carried over
+             ("and he said", "y él dijo")]
+    assert with_made_up_names(pairs, 0) == pairs
+    out = with_made_up_names(pairs, 2, seed=1)
+    assert out[:4] == pairs and len(out) == 4 + 2 + 2  # two copies of each of the two pairs that carry names
+    assert out == with_made_up_names(pairs, 2, seed=1) and out != with_made_up_names(pairs, 2, seed=2)
+    known = {w.lower() for s, t in pairs for w in re.findall(r"\w+", s + " " + t)}
+    split = re.compile(r"([\w-]+)")
+    for k, (orig, copies) in enumerate(((pairs[0], out[4:6]), (pairs[1], out[6:8]))):
+        carried = metrics.carried_names(*orig)
+        assert carried == ({"Elimelech", "Beth-lehem-judah"} if k == 0 else {"Elimelech"})
+        for copy in copies:
+            given = {}
+            for text, new in zip(orig, copy):  # the same text but for the names, each always the same new one
+                a, b = split.split(text), split.split(new)
+                assert len(a) == len(b)
+                for x, y in zip(a, b):
+                    if x in carried:
+                        assert given.setdefault(x, y) == y and y[0].isupper() and y.lower() not in known
+                    else:
+                        assert x == y
+            assert given.keys() == carried and len(set(given.values())) == len(carried)
+        assert copies[0] != copies[1]
+
+
+def test_made_up_names_in_a_run_are_counted_and_negative_refused(runs, tmp_path):
+    root, _ = runs
+    (root / "names.tsv").write_text("source\ttarget\n" + "".join(
+        f"{w} saw Harbona\t{w} vio á Harbona\n" for w in WORDS), encoding="utf-8")
+    proc = lmforge("finetune", "translation", "--train", "names.tsv", "--valid", "valid.tsv", "--task.made_up_names=2",
+                   f"--train.out_dir={tmp_path / 'names'}", *TINY, "--data.data_dir=names-data", "--train.max_steps=2",
+                   "--train.eval_interval=2", "--train.ckpt_interval=2", cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    assert "24 more training pairs with made-up names" in proc.stdout + proc.stderr
+    assert_clear_error(lmforge("finetune", "translation", "--train", "names.tsv", "--task.made_up_names=-1", cwd=root),
+                       "task.made_up_names must not be negative")
+
 
 # ------------------------------------------------------------------------------------------- end to end
 

@@ -66,6 +66,12 @@ def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, flo
     return {kind: 100.0 * total / len(references) for kind, total in totals.items()}
 
 
+def carried_names(source: str, target: str) -> set[str]:
+    """The names a target carries over from its source unchanged: its capitalised words (its first
+    word aside, which any sentence capitalises) that the source also contains, spelt alike."""
+    return {w for w in _WORD.findall(target)[1:] if w[0].isupper()} & set(_WORD.findall(source))
+
+
 def names_kept(sources: Sequence[str], hypotheses: Sequence[str], references: Sequence[str]) -> float | None:
     """Of the names each reference carries over from its source unchanged (capitalised words past
     the reference's first that the source also contains), the share (0-100) the hypothesis has
@@ -73,7 +79,7 @@ def names_kept(sources: Sequence[str], hypotheses: Sequence[str], references: Se
     _check(hypotheses, references)
     kept = total = 0
     for source, hyp, ref in zip(sources, hypotheses, references):
-        names = {w for w in _WORD.findall(ref)[1:] if w[0].isupper()} & set(_WORD.findall(source))
+        names = carried_names(source, ref)
         kept += len(names & set(_WORD.findall(hyp)))
         total += len(names)
     return 100.0 * kept / total if total else None

@@ -60,18 +60,26 @@ class TaskData:
     lengths: np.ndarray  # padded-size parts per example (see TaskFormat.lengths)
     read: ReadReport
     limits: LengthReport
+    made_up: int = 0  # pairs added with made-up names (before the length limits)
 
     @classmethod
-    def load(cls, path: str, tokenizer, fmt: TaskFormat, cfg: Config) -> "TaskData":
+    def load(cls, path: str, tokenizer, fmt: TaskFormat, cfg: Config, made_up_names: int = 0) -> "TaskData":
+        """``made_up_names``: copies of each pair that carries names over, with made-up names
+        (:func:`~lmforge.tasks.translation.with_made_up_names`; training data only)."""
         task = cfg.task
         pairs, read = read_examples(path, task.source_key, task.target_key)
+        n_read = len(pairs)
+        if made_up_names:
+            from lmforge.tasks.translation import with_made_up_names
+
+            pairs = with_made_up_names(pairs, made_up_names, cfg.train.seed)
         src_ids = tokenizer.encode_batch([s for s, _ in pairs])
         tgt_ids = tokenizer.encode_batch([t for _, t in pairs])
         sources, targets, index, limits = limit_lengths(
             src_ids, tgt_ids, task.max_source_len - fmt.source_room, task.max_target_len - 1, task.overlong,
             (task.max_source_len, task.max_target_len))
         lengths = np.array(fmt.lengths(sources, targets), dtype=np.int64)
-        return cls([pairs[i] for i in index], sources, targets, lengths, read, limits)
+        return cls([pairs[i] for i in index], sources, targets, lengths, read, limits, len(pairs) - n_read)
 
     def batch(self, fmt: TaskFormat, rows: list[int]) -> Batch:
         return fmt.collate([self.sources[i] for i in rows], [self.targets[i] for i in rows])
@@ -250,13 +258,16 @@ class SequenceToSequence(Objective):
         self.tokenizer = tokenizer
         self.fmt = TaskFormat(cfg.model.arch, SpecialIds.from_tokenizer(tokenizer, task.source_prefix,
                                                                          task.decoder_start))
-        self.train_data = TaskData.load(task.train_file, tokenizer, self.fmt, cfg)
+        self.train_data = TaskData.load(task.train_file, tokenizer, self.fmt, cfg, task.made_up_names)
         self.valid_data = TaskData.load(task.valid_file, tokenizer, self.fmt, cfg) if task.valid_file else None
         for data in (self.train_data, self.valid_data):
             if data is not None:
                 say(data.read.summary())
                 if data.limits.summary():
                     say(f"note: {data.read.path}: {data.limits.summary()}")
+        if task.made_up_names:
+            say(f"{self.train_data.made_up:,} more training pairs with made-up names "
+                f"(task.made_up_names={task.made_up_names})")
         self.sampler = TokenBatcher(self.train_data.lengths, task.batch_tokens, seed=tcfg.seed)
         if world.is_main:  # the run's own copy: checkpoints it came from may be pruned
             run.out_dir.mkdir(parents=True, exist_ok=True)
