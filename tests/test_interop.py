@@ -464,6 +464,39 @@ def test_decoder_vocabulary_larger_than_tokenizer(tmp_path, tok, make):
     assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
 
 
+def test_a_padded_import_fine_tunes_averages_and_translates(tmp_path, tok, monkeypatch):
+    """The import's recipe (`lmforge train -c OUT/recipe.yaml`), `lmforge average` of its run, and `finetune
+    translation` from it: the vocabulary record travels beside the tokenizer into every checkpoint, so each
+    loads; beam search never writes an id the tokenizer cannot decode."""
+    import_checkpoint(hf_dir(tmp_path, llama_model(PADDED_V), tok), tmp_path / "ours", log=quiet)
+    monkeypatch.chdir(tmp_path)
+    Path("corpus.txt").write_text(TEXT * 30, encoding="utf-8")
+    quick = ["--train.progress=false", "--train.tensorboard=false", "--quiet"]
+    main(["train", "-c", "ours/recipe.yaml", "--data.corpus=corpus.txt", "--train.out_dir=lm", "--train.max_steps=2",
+          "--train.batch_size=2", "--train.eval_batches=1", "--train.ckpt_interval=1", *quick[:2]])
+    for step in ("step_000001", "step_000002"):
+        model, cfg, tokenizer = load_model(Path("lm/checkpoints") / step)
+        assert (cfg.model.vocab_size, tokenizer.vocab_size) == (PADDED_V, 320)
+    main(["average", "lm/checkpoints/step_000001", "lm/checkpoints/step_000002", "avg"])
+    assert load_model("avg")[1].model.vocab_size == PADDED_V
+
+    Path("pairs.tsv").write_text("source\ttarget\n" + "The quick brown fox\tjumps over the lazy dog\n" * 20,
+                                 encoding="utf-8")
+    main(["finetune", "translation", "--init-from", "ours", "--train", "pairs.tsv", "--valid", "pairs.tsv",
+          "--model.arch=decoder", "--model.copy_attention=false", "--train.out_dir=mt", "--train.max_steps=2",
+          "--train.eval_interval=2", "--task.eval_samples=2", "--task.batch_tokens=256", *quick])
+    tm = load_task_model("mt")
+    assert (tm.cfg.model.vocab_size, tm.tokenizer.vocab_size) == (PADDED_V, 320)
+    handle = huge_beyond(tm.model, 320)
+    try:
+        sources, _ = tm.encode_sources(["The quick brown fox", "Hello"])
+        for beam in (1, 3):
+            outs = tm.decode_ids(sources, Decoding(beam_size=beam, max_len_a=0.0, max_len_b=6))
+            assert all(0 <= t < 320 for out in outs for t in out) and any(outs)
+    finally:
+        handle.remove()
+
+
 def test_bert_vocabulary_larger_than_tokenizer(tmp_path, tok):
     hf = bert_model(PADDED_V)
     import_checkpoint(hf_dir(tmp_path, hf, tok), tmp_path / "ours", log=quiet)

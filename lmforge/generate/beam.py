@@ -152,17 +152,21 @@ class Constraints:
     given ``continues`` (the tokenizer's continuation pieces: the task's ``source_words``), write
     a word of several pieces that its source does not hold: a continuation piece may only extend
     the word begun so far towards a word of the source, and a next word (not <eos>) may only begin
-    once that word is whole. ``words``: each source's :class:`SourceWords` (:meth:`for_sources`)."""
+    once that word is whole. ``words``: each source's :class:`SourceWords` (:meth:`for_sources`).
+    ``decodable``: ids from this one on are never written (an imported model's vocabulary padded
+    beyond its tokenizer); 0 = every id."""
 
     no_repeat_ngram_size: int = 0
     no_immediate_repeat: bool = False
     once: frozenset[int] = frozenset()
     continues: frozenset[int] = frozenset()
     words: tuple[SourceWords, ...] = ()
+    decodable: int = 0
 
     @property
     def active(self) -> bool:
-        return self.no_repeat_ngram_size > 0 or self.no_immediate_repeat or bool(self.once) or bool(self.continues)
+        return (self.no_repeat_ngram_size > 0 or self.no_immediate_repeat or bool(self.once) or bool(self.continues)
+                or self.decodable > 0)
 
     def for_sources(self, sources: Sequence[Sequence[int]]) -> "Constraints":
         """These constraints for a batch of sources (each row of a search names its source's index)."""
@@ -220,6 +224,8 @@ def _constrain(logp: torch.Tensor, rows: list[tuple[Sequence[int], bool, int]], 
             logp[ban_rows, ban_tokens] = -math.inf
         if constraints.continues:
             logp.masked_fill_(constraints.word_ban(rows, logp.size(-1), eos_id).to(logp.device), -math.inf)
+        if 0 < constraints.decodable < logp.size(-1):
+            logp[:, constraints.decodable:] = -math.inf
     limit = [r for r, (_, at_limit, _) in enumerate(rows) if at_limit]
     if limit:
         eos_col = logp[limit, eos_id].clone()

@@ -171,7 +171,7 @@ def import_checkpoint(hf_dir: str | Path, out_dir: str | Path, drop_prefixes: tu
             (tmp / VOCABULARY_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         _write_recipe(tmp / RECIPE, cfg, out_abs)
         (tmp / "data").mkdir()
-        for name in TOKENIZER_FILES:
+        for name in (*TOKENIZER_FILES, VOCABULARY_RECORD):  # the record beside the tokenizer travels with it
             if (tmp / name).is_file():
                 shutil.copyfile(tmp / name, tmp / "data" / name)
         _publish(tmp, out_dir)

@@ -64,11 +64,13 @@ def decode_ids(model: nn.Module, fmt: TaskFormat, sources: Sequence[list[int]], 
                batch_size: int = 32, tokenizer=None) -> list[list[int]]:
     """Output token ids (without <eos>) for formatted sources, in batches of similar length.
     ``tokenizer``: the one the model reads, for ``decoding.no_repeat_words`` and ``source_words``
-    (its word-initial and continuation pieces; without it those two have no effect)."""
+    (its word-initial and continuation pieces; without it those two have no effect), and so that
+    no id beyond it is written (an imported model's padded vocabulary)."""
     constraints = beam.Constraints(
         decoding.no_repeat_ngram_size, decoding.no_immediate_repeat,
         tokenizer.word_initial_ids() if tokenizer is not None and decoding.no_repeat_words else frozenset(),
-        tokenizer.continuation_ids() if tokenizer is not None and decoding.source_words else frozenset())
+        tokenizer.continuation_ids() if tokenizer is not None and decoding.source_words else frozenset(),
+        decodable=tokenizer.vocab_size if tokenizer is not None and tokenizer.vocab_size < model.cfg.vocab_size else 0)
     was_training = model.training
     model.eval()
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
@@ -155,7 +157,8 @@ def load_task_model(path: str | Path, expect: str | None = None, device: str = "
                            f"use `lmforge {command}` for it, or give one trained with {wanted}")
     tok_path = ckpt_io.require_file(ckpt, ckpt_io.TOKENIZER, "copy the tokenizer.json it was trained with into it")
     tokenizer = Tokenizer.load(tok_path)
-    if tokenizer.vocab_size != cfg.model.vocab_size:
+    if tokenizer.vocab_size != cfg.model.vocab_size and not ckpt_io.padded_vocabulary(
+            ckpt, cfg.model.vocab_size, tokenizer.vocab_size):
         raise LMForgeError(f"{tok_path} has {tokenizer.vocab_size} tokens but the model in {ckpt} has "
                            f"{cfg.model.vocab_size}; copy the tokenizer the model was trained with into {ckpt}")
     from lmforge.model import build_model

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,7 +252,10 @@ class SequenceToSequence(Objective):
             tokenizer = resolve_tokenizer(cfg, run.resume_from or self.init_from, lambda _: None)
         if cfg.model.vocab_size == 0:
             cfg.model = replace_vocab(cfg.model, tokenizer.vocab_size)
-        if cfg.model.vocab_size != tokenizer.vocab_size:
+        start = run.resume_from or self.init_from
+        self.padded = (start is not None and cfg.model.vocab_size != tokenizer.vocab_size
+                       and ckpt_io.padded_vocabulary(start, cfg.model.vocab_size, tokenizer.vocab_size))
+        if cfg.model.vocab_size != tokenizer.vocab_size and not self.padded:
             raise LMForgeError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer has "
                                f"{tokenizer.vocab_size} tokens; set --model.vocab_size=0 to take it from the tokenizer")
         _check_positions(cfg.model, cfg)
@@ -272,6 +276,8 @@ class SequenceToSequence(Objective):
         if world.is_main:  # the run's own copy: checkpoints it came from may be pruned
             run.out_dir.mkdir(parents=True, exist_ok=True)
             tokenizer.save(self.tokenizer_path)
+            if self.padded:  # beside the tokenizer, so that every checkpoint gets it (ckpt_io.copy_tokenizer)
+                shutil.copyfile(start / ckpt_io.VOCABULARY_RECORD, run.out_dir / ckpt_io.VOCABULARY_RECORD)
 
     @property
     def tokenizer_path(self) -> Path:

@@ -42,7 +42,8 @@ def prepare_data(cfg: Config, progress: bool, world: World | None = None) -> dic
     meta = load_meta(cfg.data.data_dir)
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = int(meta["vocab_size"])
-    elif cfg.model.vocab_size != meta["vocab_size"]:
+    elif cfg.model.vocab_size != meta["vocab_size"] and not ckpt_io.padded_vocabulary(
+            Path(cfg.data.data_dir), cfg.model.vocab_size, int(meta["vocab_size"])):  # an import's padded embedding
         raise LMForgeError(
             f"model.vocab_size={cfg.model.vocab_size} but the tokenizer in {cfg.data.data_dir} has "
             f"{meta['vocab_size']} tokens; set --model.vocab_size=0 to take it from the data"

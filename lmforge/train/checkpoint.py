@@ -166,7 +166,7 @@ def save_checkpoint(
         weights = model if isinstance(model, dict) else unique_state_dict(model)
         save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
-        shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        copy_tokenizer(tokenizer_path, tmp)
         if optimizer is not None:
             torch.save({
                 "step": step,
@@ -185,6 +185,26 @@ def save_checkpoint(
                            "checkpoint is intact: free space or fix permissions, then --resume") from None
     _publish(ckpt_root, tmp, name, keep_last)
     return final
+
+
+def copy_tokenizer(tokenizer_path: Path, into: Path) -> None:
+    """Copy a tokenizer.json into a checkpoint directory, with the vocabulary.json beside it, if any:
+    the record that the model's embedding is padded beyond the tokenizer travels with it."""
+    shutil.copyfile(tokenizer_path, into / TOKENIZER)
+    record = Path(tokenizer_path).parent / VOCABULARY_RECORD
+    if record.is_file():
+        shutil.copyfile(record, into / VOCABULARY_RECORD)
+
+
+def padded_vocabulary(where: Path, vocab_size: int, n_tokens: int) -> bool:
+    """Whether the vocabulary.json in directory ``where`` (from ``lmforge import``) records a model
+    vocabulary of ``vocab_size`` ids padded beyond a tokenizer of ``n_tokens``."""
+    try:
+        record = json.loads((Path(where) / VOCABULARY_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(record, dict) and record.get("vocab_size") == vocab_size
+            and record.get("tokenizer_vocab_size") == n_tokens)
 
 
 def _write_error(e: Exception, where: Path) -> str:
@@ -445,19 +465,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
             f"{tok_path} has {n_tokens} tokens but the model in {ckpt} has a vocabulary of only {vocab}; "
             f"copy the tokenizer.json of the data the model was trained on into {ckpt}"
         )
-    if n_tokens < vocab:
-        record_path = ckpt / VOCABULARY_RECORD
-        try:
-            record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else None
-        except (OSError, ValueError):
-            record = None
-        if not (isinstance(record, dict) and record.get("vocab_size") == vocab
-                and record.get("tokenizer_vocab_size") == n_tokens):
-            raise LMForgeError(
-                f"{tok_path} has {n_tokens} tokens but the model in {ckpt} has a vocabulary of {vocab} (and no "
-                f"{VOCABULARY_RECORD} from `lmforge import` records a padded embedding of these sizes); "
-                f"copy the tokenizer.json of the data the model was trained on into {ckpt}"
-            )
+    if n_tokens < vocab and not padded_vocabulary(ckpt, vocab, n_tokens):
+        raise LMForgeError(
+            f"{tok_path} has {n_tokens} tokens but the model in {ckpt} has a vocabulary of {vocab} (and no "
+            f"{VOCABULARY_RECORD} from `lmforge import` records a padded embedding of these sizes); "
+            f"copy the tokenizer.json of the data the model was trained on into {ckpt}"
+        )
     model = build_model(cfg.model)
     load_weights(model, ckpt)
     model.to(device).eval()

@@ -10,7 +10,6 @@ protocol of :mod:`lmforge.train.checkpoint` makes a checkpoint appear complete o
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from lmforge.config import Config
 from lmforge.errors import LMForgeError
 from lmforge.train.checkpoint import (CHECKPOINTS, CONFIG, DCP_DIR, RNG_DIR, STATE_JSON, TOKENIZER, WEIGHTS,
                                       _fsync_tree, _load_tensors, _publish, _remove_leftovers, _tied_names,
-                                      capture_rng_state, read_json, require_file, run_choices)
+                                      capture_rng_state, copy_tokenizer, read_json, require_file, run_choices)
 
 
 def save_sharded_checkpoint(
@@ -77,7 +76,7 @@ def save_sharded_checkpoint(
         weights = {k: v.detach().contiguous() for k, v in full.items() if k not in tied}
         save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
-        shutil.copyfile(tokenizer_path, tmp / TOKENIZER)
+        copy_tokenizer(tokenizer_path, tmp)
         state_json = {"step": step, "sampler": sampler_state, "metrics": metrics or {}, "world_size": world_size,
                       "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None, **(extra or {})}
         (tmp / STATE_JSON).write_text(json.dumps(state_json, indent=2) + "\n", encoding="utf-8")
