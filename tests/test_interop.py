@@ -4,6 +4,7 @@ a clear refusal for each input that cannot be mapped exactly."""
 
 import json
 import pickle
+import re
 import shutil
 import string
 from pathlib import Path
@@ -464,7 +465,7 @@ def test_decoder_vocabulary_larger_than_tokenizer(tmp_path, tok, make):
     assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
 
 
-def test_a_padded_import_fine_tunes_averages_and_translates(tmp_path, tok, monkeypatch):
+def test_a_padded_import_fine_tunes_averages_and_translates(tmp_path, tok, monkeypatch, capsys):
     """The import's recipe (`lmforge train -c OUT/recipe.yaml`), `lmforge average` of its run, and `finetune
     translation` from it: the vocabulary record travels beside the tokenizer into every checkpoint, so each
     loads; beam search never writes an id the tokenizer cannot decode."""
@@ -479,6 +480,14 @@ def test_a_padded_import_fine_tunes_averages_and_translates(tmp_path, tok, monke
         assert (cfg.model.vocab_size, tokenizer.vocab_size) == (PADDED_V, 320)
     main(["average", "lm/checkpoints/step_000001", "lm/checkpoints/step_000002", "avg"])
     assert load_model("avg")[1].model.vocab_size == PADDED_V
+    (tmp_path / "ours" / "data" / "vocabulary.json").unlink()  # a data directory without the record: the fix named
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["train", "-c", "ours/recipe.yaml", "--data.corpus=corpus.txt", "--train.out_dir=lm2",
+              "--train.max_steps=1", "--train.batch_size=2", *quick[:2]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert re.search("padded beyond its tokenizer: copy .*vocabulary.json beside the tokenizer", err[0]), err
 
     Path("pairs.tsv").write_text("source\ttarget\n" + "The quick brown fox\tjumps over the lazy dog\n" * 20,
                                  encoding="utf-8")

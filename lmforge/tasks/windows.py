@@ -44,10 +44,14 @@ def prepare_data(cfg: Config, progress: bool, world: World | None = None) -> dic
         cfg.model.vocab_size = int(meta["vocab_size"])
     elif cfg.model.vocab_size != meta["vocab_size"] and not ckpt_io.padded_vocabulary(
             Path(cfg.data.data_dir), cfg.model.vocab_size, int(meta["vocab_size"])):  # an import's padded embedding
-        raise LMForgeError(
-            f"model.vocab_size={cfg.model.vocab_size} but the tokenizer in {cfg.data.data_dir} has "
-            f"{meta['vocab_size']} tokens; set --model.vocab_size=0 to take it from the data"
-        )
+        start = cfg.train.init_from and ckpt_io.latest_checkpoint(cfg.train.init_from)
+        if start and ckpt_io.padded_vocabulary(start, cfg.model.vocab_size, int(meta["vocab_size"])):
+            fix = (f"the model's embedding is padded beyond its tokenizer: copy {start / ckpt_io.VOCABULARY_RECORD} "
+                   f"beside the tokenizer.json in {cfg.data.data_dir}")
+        else:
+            fix = "set --model.vocab_size=0 to take it from the data"
+        raise LMForgeError(f"model.vocab_size={cfg.model.vocab_size} but the tokenizer in {cfg.data.data_dir} has "
+                           f"{meta['vocab_size']} tokens; {fix}")
     return meta
 
 
