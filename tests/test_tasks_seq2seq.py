@@ -180,6 +180,8 @@ def test_made_up_names_replace_the_carried_names_alike_in_both_texts():
                         assert x == y
             assert given.keys() == carried and len(set(given.values())) == len(carried)
         assert copies[0] != copies[1]
+    acronyms = [("The BBC said", "La BBC dijo")]  # no vowel to string a new name from: nothing added
+    assert with_made_up_names(acronyms, 3) == acronyms
 
 
 def test_made_up_names_in_a_run_are_counted_and_negative_refused(runs, tmp_path):

@@ -53,14 +53,17 @@ def with_made_up_names(pairs: Sequence[tuple[str, str]], copies: int, seed: int 
         return pairs
     syllables = sorted({syl for n in names for syl in _SYLLABLE.findall(n.lower()) if syl.isalpha()})
     endings = sorted({e for n in names if (e := _ENDING.search(n.lower()).group()).isalpha() or not e})
+    if not syllables:  # names without a vowel (acronyms): nothing to string new ones from
+        return pairs
     known = {w.lower() for s, t in pairs for w in re.findall(r"\w+", s + " " + t)}
     rng = random.Random(seed)
 
-    def made_up() -> str:
-        while True:
+    def made_up() -> str | None:
+        for _ in range(1000):
             name = "".join(rng.choice(syllables) for _ in range(rng.choice((1, 2, 2, 3)))) + rng.choice(endings)
             if len(name) > 2 and name not in known:
                 return name.capitalize()
+        return None  # too few syllables to make a new name from
 
     out = list(pairs)
     for (source, target), found in zip(pairs, carried):
@@ -70,5 +73,7 @@ def with_made_up_names(pairs: Sequence[tuple[str, str]], copies: int, seed: int 
         pattern = re.compile(r"(?<!\w)(" + "|".join(map(re.escape, sorted(found, key=len, reverse=True))) + r")(?!\w)")
         for _ in range(copies):
             new = {n: made_up() for n in sorted(found)}
+            if None in new.values():
+                continue
             out.append((pattern.sub(lambda m: new[m.group(1)], source), pattern.sub(lambda m: new[m.group(1)], target)))
     return out
