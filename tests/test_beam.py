@@ -233,8 +233,9 @@ def test_decoding_flags_of_the_cli_reach_the_search_settings():
 
 def _source_word_valid(seq, source, continues):
     """An independent statement of source_words: cut the output and the source into words (a token
-    that is not a continuation piece, or the output's first token, and the continuation pieces after
-    it); every word of several pieces is a word of the source, the last one possibly unfinished."""
+    that is not a continuation piece, and the continuation pieces after it); every word of several
+    pieces is a word of the source, the last one possibly unfinished; continuation pieces that open
+    the output are free (a byte-level BPE's first word has no space mark)."""
     def words(tokens):
         out = []
         for t in tokens:
@@ -246,7 +247,8 @@ def _source_word_valid(seq, source, continues):
 
     known = {w for w in words(source) if len(w) > 1}
     prefixes = {w[:k] for w in known for k in range(2, len(w))}
-    ws = words(seq)
+    opening = next((k for k, t in enumerate(seq) if t not in continues), len(seq))
+    ws = words(seq[opening:])
     return all(len(w) == 1 or w in known or (k == len(ws) - 1 and w in prefixes) for k, w in enumerate(ws))
 
 
@@ -260,8 +262,9 @@ def test_source_words_returns_the_best_output_whose_words_the_source_holds(seed)
     V, max_len, continues = 6, 5, frozenset({3, 4})
     sources = [[1, 3, 4, 2, 5, 2, 3], [2, 4, 4, 1]]
     prefixes = [p for n in range(max_len) for p in itertools.product(range(1, V), repeat=n)]
-    lean = torch.tensor([0.0, 0.0, 0.0, 2.0, 2.0, 0.0])  # towards the continuation pieces
-    table = {p: (torch.rand(V, generator=gen) + 0.05 + lean).tolist() for p in prefixes}
+    lean = torch.tensor([0.0, 0.0, 0.0, 2.0, 2.0, 0.0])  # towards a continuation piece after a word's first
+    table = {p: (torch.rand(V, generator=gen) + 0.05 + (lean if p and p[-1] not in continues else 0)).tolist()
+             for p in prefixes}
     for p in prefixes:
         if len(p) < 3:  # outputs of 3 tokens or more
             table[p][EOS] = 0.001
@@ -280,7 +283,8 @@ def test_source_words_returns_the_best_output_whose_words_the_source_holds(seed)
         assert len(valid) < len(prefixes) / 2  # the rule bites
         best = max(valid, key=lambda p: logp(p) / (len(p) + 1))
         assert hyps[i][0].tokens == list(best)
-        kept.append(any(t in continues for t in best[1:]))
+        start = next((k for k, t in enumerate(best) if t not in continues), len(best))
+        kept.append(any(t in continues for t in best[start + 1:]))  # a source word after the opening run
         assert {tuple(h.tokens) for h in hyps[i]} <= set(valid)
         assert hyps[i][0].log_prob == pytest.approx(logp(tuple(hyps[i][0].tokens)))
         # greedy: the most likely allowed token at each step

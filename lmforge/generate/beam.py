@@ -117,11 +117,13 @@ def banned_ngram_tokens(tokens: Sequence[int], n: int) -> set[int]:
 
 def current_word(tokens: Sequence[int], continues: frozenset[int]) -> tuple[int, ...]:
     """The word the output ends in: its last token that is not a continuation piece and the pieces
-    after it (the continuation pieces alone where the output opens with them)."""
+    after it; () while the output is still in its opening run of continuation pieces, which is not
+    checked (a byte-level BPE writes a text's first word without the space mark, so its pieces
+    are not the ones the source has for that word elsewhere)."""
     j = len(tokens)
     while j > 0 and tokens[j - 1] in continues:
         j -= 1
-    return tuple(tokens[max(j - 1, 0):])
+    return tuple(tokens[j - 1:]) if j > 0 else ()
 
 
 class SourceWords:
