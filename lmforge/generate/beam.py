@@ -20,6 +20,7 @@ the K-th best finished one; and at its length limit, where only <eos> is allowed
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
@@ -126,6 +127,14 @@ def current_word(tokens: Sequence[int], continues: frozenset[int]) -> tuple[int,
     return tuple(tokens[j - 1:]) if j > 0 else ()
 
 
+@functools.lru_cache(maxsize=4)
+def _piece_mask(pieces: frozenset[int], vocab_size: int) -> torch.Tensor:
+    """[vocab] True at ``pieces``: built once per tokenizer, not at every step of a search."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[[t for t in pieces if t < vocab_size]] = True
+    return mask
+
+
 class SourceWords:
     """The words of several pieces that one source holds (a token that is not a continuation piece
     and the continuation pieces after it): which piece may follow each of their beginnings, and
@@ -187,8 +196,7 @@ class Constraints:
 
     def word_ban(self, rows: Sequence[tuple[Sequence[int], bool, int]], vocab_size: int, eos_id: int) -> torch.Tensor:
         """[rows, vocab] True where ``continues``' rule forbids the token (never <eos>)."""
-        cont = torch.zeros(vocab_size, dtype=torch.bool)
-        cont[[t for t in self.continues if t < vocab_size]] = True
+        cont = _piece_mask(self.continues, vocab_size)
         ban = torch.zeros(len(rows), vocab_size, dtype=torch.bool)
         extend, open_rows, keep_rows, keep_tokens = [], [], [], []
         for r, (tokens, _, i) in enumerate(rows):
