@@ -304,10 +304,10 @@ COMMANDS: tuple[Command, ...] = (
                 arg("--mfu", type=float, default=0.4, help="model FLOPs utilisation to expect (default: 0.4)"),
                 arg("--json", action="store_true", help="print the figures as JSON"),
             ), overrides="config"),
-    Command("import", "turn a Hugging Face checkpoint (gpt2, llama, bert, marian) into an lmforge checkpoint",
+    Command("import", "turn a Hugging Face checkpoint (gpt2, llama, bert, mpnet, marian) into an lmforge checkpoint",
             "Convert a local Hugging Face checkpoint directory (config.json, model.safetensors or "
             "pytorch_model.bin, possibly sharded, and its tokenizer) into an lmforge checkpoint that generate, "
-            "eval and train --train.init_from accept. Maps GPT-2, Llama, BERT and Marian (a translation "
+            "eval and train --train.init_from accept. Maps GPT-2, Llama, BERT, MPNet and Marian (a translation "
             "checkpoint for translate and finetune; its tokenizer must be given as tokenizer.json) exactly; "
             "anything else is refused with the reason. A .bin file is read with torch.load(weights_only=True): "
             "tensors only, never code.",

@@ -83,6 +83,11 @@ class ModelConfig:
     embed_norm: bool = False
     #: encoder: a dense + tanh layer over the first token's final state (BERT's pooler)
     pooler: bool = False
+    #: encoder: buckets of a learned relative-position bias added to every block's attention scores
+    #: (MPNet: 32); 0 = none
+    rel_pos_buckets: int = 0
+    #: encoder: distance (tokens) from which all keys share the relative-position bias's last bucket
+    rel_pos_max_distance: int = 128
 
     def __post_init__(self) -> None:
         _check_choice("model.pos_encoding", self.pos_encoding, ("sinusoidal", "learned", "rotary"))
@@ -105,6 +110,11 @@ class ModelConfig:
         if self.arch != "encoder" and (self.type_vocab_size or self.pooler):
             raise LMForgeError("model.type_vocab_size and pooler apply to arch=encoder only; "
                                "set model.arch=encoder or leave them at 0/false")
+        if self.rel_pos_buckets and (self.arch != "encoder" or self.rel_pos_buckets < 8 or self.rel_pos_buckets % 4
+                                     or self.rel_pos_max_distance <= self.rel_pos_buckets // 4):
+            raise LMForgeError(f"model.rel_pos_buckets={self.rel_pos_buckets} needs arch=encoder, a multiple of 4 "
+                               "from 8 up and rel_pos_max_distance above a quarter of it (MPNet: 32, 128); "
+                               "fix them or set 0")
         if self.type_vocab_size < 0:
             raise LMForgeError(f"model.type_vocab_size must not be negative, got {self.type_vocab_size}")
         if self.n_encoder_layer is not None and self.n_encoder_layer < 1:
@@ -375,6 +385,9 @@ class TaskConfig:
     overlong: str = "truncate"
     #: tokens per micro-batch, padding included (batches are built by length; train.batch_size is unused)
     batch_tokens: int = 4096
+    #: sentiment, srl: batches of train.batch_size texts of like length (about half the padding of random
+    #: batches on short texts); leave off where length says much about the label (batches of one class)
+    group_by_length: bool = False
     #: seq2seq: train also on this many copies of each pair whose target carries names over from its
     #: source unchanged, those names replaced in both by made-up ones, so that the model learns to copy
     #: names it has never seen (0 = off)

@@ -43,6 +43,25 @@ def byte_token(b: int) -> str:
     return f"<0x{b:02X}>"
 
 
+def _frame(post: dict | None, hf: HFTokenizer) -> tuple[int | None, int | None]:
+    """The first special token before and after the text in a ``tokenizer.json`` post-processor."""
+    kind = (post or {}).get("type")
+    if kind == "Sequence":
+        frames = [_frame(p, hf) for p in post.get("processors") or []]
+        return next((f for f in frames if f != (None, None)), (None, None))
+    if kind in ("BertProcessing", "RobertaProcessing"):
+        return hf.token_to_id(post["cls"][0]), hf.token_to_id(post["sep"][0])
+    if kind != "TemplateProcessing":
+        return None, None
+    before, after, seen = [], [], False
+    for piece in post.get("single") or []:
+        if "Sequence" in piece:
+            seen = True
+        elif "SpecialToken" in piece:
+            (after if seen else before).append(hf.token_to_id(piece["SpecialToken"]["id"]))
+    return (before[0] if before else None), (after[0] if after else None)
+
+
 class Tokenizer:
     """A trained tokenizer: ``encode`` / ``decode`` / ``save`` / ``load`` around a Hugging Face pipeline."""
 
@@ -62,6 +81,9 @@ class Tokenizer:
         self._fast_bpe: object = None if is_char else _UNCHECKED  # see _fast_encoder
         self._model_spec = {k: model.get(k) for k in ("type", "continuing_subword_prefix")}
         self._pieces: tuple[frozenset[int], frozenset[int]] | None = None  # see _word_pieces
+        #: (start id, end id) its post-processor puts around a single text: [CLS] ... [SEP] (BERT),
+        #: <s> ... </s> (RoBERTa, MPNet); None for either where there is none
+        self.frame: tuple[int | None, int | None] = _frame(spec.get("post_processor"), hf)
 
     # ------------------------------------------------------------------ training
     @classmethod

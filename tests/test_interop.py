@@ -172,6 +172,86 @@ def test_bert_import_matches_transformers(tmp_path, tok, pooler):
             assert (model.pool(ours) - theirs.pooler_output).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("pooler", [True, False])
+def test_mpnet_import_and_export_match_transformers(tmp_path, tok, pooler):
+    """MPNet: the relative-position bias in every block (sequences past its 128-token reach, so
+    every bucket is used), positions from row 2 of its table, no token types; right-padded batch.
+    The export loads in transformers and gives the same states again."""
+    cfg = transformers.MPNetConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=48, max_position_embeddings=202,
+                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    hf = transformers.MPNetModel(cfg, add_pooling_layer=pooler).eval()
+    randomize_(hf, std=0.5)  # bias scores large enough to matter
+    import_checkpoint(hf_dir(tmp_path, hf, tok), tmp_path / "ours", log=quiet)
+    model, ours_cfg, _ = load_model(tmp_path / "ours")
+    assert (ours_cfg.model.rel_pos_buckets, ours_cfg.model.block_size, ours_cfg.model.type_vocab_size) == (32, 200, 0)
+    torch.manual_seed(1)
+    idx = torch.randint(3, tok.vocab_size, (3, 190))
+    mask = torch.ones(3, 190, dtype=torch.long)
+    mask[1, 150:] = 0
+    mask[2, 7:] = 0
+    idx[mask == 0] = 1  # MPNet's padding id: transformers numbers positions from the ids
+    real = mask.bool()
+
+    def states(hf_model):
+        out = hf_model(idx, attention_mask=mask)
+        return out.last_hidden_state, out.pooler_output if pooler else None
+
+    with torch.no_grad():
+        theirs, their_pool = states(hf)
+        ours = model(idx, attention_mask=mask)
+        assert (ours[real] - theirs[real]).abs().max().item() <= 1e-4
+        assert (model.rel_pos(190) != model.rel_pos(190)[..., :1, :1]).any()  # not one constant
+        if pooler:
+            assert (model.pool(ours) - their_pool).abs().max().item() <= 1e-4
+    export_checkpoint(tmp_path / "ours", tmp_path / "back", log=quiet)
+    again = transformers.MPNetModel.from_pretrained(tmp_path / "back", add_pooling_layer=pooler).eval()
+    with torch.no_grad():
+        back, back_pool = states(again)
+        assert (back[real] - theirs[real]).abs().max().item() <= 1e-5
+        if pooler:
+            assert (back_pool - their_pool).abs().max().item() <= 1e-5
+
+
+def test_relative_position_buckets_match_transformers():
+    from lmforge.model.encoder import RelativePositionBias
+
+    mpnet = pytest.importorskip("transformers.models.mpnet.modeling_mpnet")
+    relative = torch.arange(-400, 401)
+    ours = RelativePositionBias(32, 4, 128).bucket(relative)
+    assert torch.equal(ours, mpnet.MPNetEncoder.relative_position_bucket(relative))
+    assert set(ours.tolist()) == set(range(32)) - {16}  # every bucket but "distance 0, key after the query"
+
+
+def test_tokenizer_frame_comes_from_its_post_processor(tmp_path):
+    from tokenizers import processors
+
+    from lmforge.model.heads import Special
+
+    base = Tokenizer.train([TEXT], kind="bpe", vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "[CLS]", "[SEP]"])
+    ids = {t: base.token_to_id(t) for t in ("<s>", "<pad>", "</s>", "[CLS]", "[SEP]")}
+    cases = {
+        "roberta": (processors.RobertaProcessing(("</s>", ids["</s>"]), ("<s>", ids["<s>"])), (ids["<s>"], ids["</s>"])),
+        "template": (processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[
+            ("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])]), (ids["[CLS]"], ids["[SEP]"])),
+        "start only": (processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", ids["<s>"])]),
+                       (ids["<s>"], None)),
+        "sequence": (processors.Sequence([processors.ByteLevel(), processors.RobertaProcessing(
+            ("</s>", ids["</s>"]), ("<s>", ids["<s>"]))]), (ids["<s>"], ids["</s>"])),
+    }
+    for name, (post, frame) in cases.items():
+        base._hf.post_processor = post
+        base.save(tmp_path / name)
+        tokenizer = Tokenizer.load(tmp_path / name)
+        assert tokenizer.frame == frame, name
+        special = Special.from_tokenizer(tokenizer)
+        if None not in frame:
+            assert (special.bos, special.eos, special.pad) == (*frame, ids["<pad>"]), name
+        else:  # the [CLS]/[SEP] names, as before
+            assert (special.bos, special.eos) == (ids["[CLS]"], ids["[SEP]"]), name
+
+
 def test_pytorch_bin_and_sharded_safetensors_import(tmp_path, tok):
     hf = gpt2_model(tok.vocab_size)
     bin_dir = tmp_path / "bin"

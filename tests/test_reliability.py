@@ -135,12 +135,44 @@ def test_a_task_sampler_keeps_the_runs_seed_on_resume():
     from lmforge.tasks.head import ExampleSampler
 
     lengths = torch.randint(2, 9, (50, 2)).numpy()
-    for make in (lambda seed: TokenBatcher(lengths, 40, seed), lambda seed: ExampleSampler(50, 4, seed)):
+    for make in (lambda seed: TokenBatcher(lengths, 40, seed), lambda seed: ExampleSampler(50, 4, seed),
+                 lambda seed: ExampleSampler(50, 4, seed, lengths[:, 0].tolist())):
         a = make(1)
         [a.next_batch() for _ in range(30)]
         b = make(2)  # a resumed run whose recipe now says another seed
         b.load_state_dict(json.loads(json.dumps(a.state_dict())))
         assert [a.next_batch() for _ in range(30)] == [b.next_batch() for _ in range(30)]
+
+
+def test_head_batches_grouped_by_length_cover_every_example_once_and_pad_little():
+    import numpy as np
+
+    from lmforge.tasks.head import ExampleSampler
+
+    lengths = np.random.default_rng(0).integers(3, 80, 1000)
+    padded = {}
+    for grouped in (False, True):
+        sampler = ExampleSampler(1000, 32, seed=3, lengths=lengths.tolist() if grouped else None)
+        epochs = {0: [], 1: []}
+        while sampler.epoch < 2:
+            epoch, batch = sampler.epoch, sampler.next_batch()
+            if sampler.epoch == epoch:
+                epochs[epoch].append(batch)
+            else:
+                epochs[sampler.epoch].append(batch)
+                break
+        first = epochs[0]
+        assert sorted(i for b in first for i in b) == list(range(1000))  # each example once per epoch
+        assert all(len(b) == 32 for b in first[:-1]) or grouped  # grouped: one short batch per bucket
+        assert all(1 <= len(b) <= 32 for b in first)
+        assert first != [b for b in epochs[1]][:len(first)]  # a new order every epoch
+        padded[grouped] = sum(len(b) * lengths[b].max() for b in first)
+    assert lengths.sum() / padded[True] > 0.9 > 0.6 > lengths.sum() / padded[False]
+    # a run saved before batches were counted ("pos": examples drawn) resumes at the same place
+    old, new = ExampleSampler(1000, 32, seed=3), ExampleSampler(1000, 32, seed=3)
+    [old.next_batch() for _ in range(40)]
+    new.load_state_dict({"epoch": 1, "pos": (40 - 32) * 32, "seed": 3})
+    assert [old.next_batch() for _ in range(5)] == [new.next_batch() for _ in range(5)]
 
 
 def test_conllu_with_repeated_word_ids_is_refused(tmp_path):

@@ -1,5 +1,5 @@
-"""The four mapped architectures: GPT-2, Llama (decoders), BERT (encoder) and Marian (encoder-decoder,
-in :mod:`lmforge.interop.marian`).
+"""The mapped architectures: GPT-2, Llama (decoders), BERT, MPNet (encoders, MPNet in
+:mod:`lmforge.interop.mpnet`) and Marian (encoder-decoder, in :mod:`lmforge.interop.marian`).
 
 Each gives both directions: Hugging Face config.json and tensors -> lmforge ModelConfig and
 state dict, and back. Names on the lmforge side are those of ``DecoderLM`` / ``EncoderModel`` /
@@ -21,12 +21,16 @@ from lmforge.interop.mapping import (
     Architecture,
     bias_or_zeros,
     common_problems,
+    encoder_blocks_from_hf,
+    encoder_blocks_to_hf,
+    encoder_config_to_hf,
     model_config,
     one_dropout,
     output_head,
     rows,
 )
 from lmforge.interop.marian import Marian
+from lmforge.interop.mpnet import MPNet
 
 # ---------------------------------------------------------------------------------------------- GPT-2
 
@@ -260,7 +264,7 @@ class Bert(Architecture):
         if any(n.endswith((".gamma", ".beta")) for n in w.tensors):  # early checkpoints' LayerNorm names
             w.rename(lambda n: n[:-6] + ".weight" if n.endswith(".gamma") else n[:-5] + ".bias" if n.endswith(".beta") else n)
         p = w.prefix_of("bert.")
-        d, ff, V, L, types = cfg.d_model, cfg.ff_dim, cfg.vocab_size, cfg.block_size, cfg.type_vocab_size
+        d, V, L, types = cfg.d_model, cfg.vocab_size, cfg.block_size, cfg.type_vocab_size
         e = p + "embeddings."
         w.buffer(e + "position_ids", torch.arange(L).unsqueeze(0), "the position ids 0..max_position_embeddings-1")
         if w.has(e + "token_type_ids"):
@@ -270,18 +274,7 @@ class Bert(Architecture):
                "type_emb.weight": w.take(e + "token_type_embeddings.weight", (types, d)),
                "embed_norm.weight": w.take(e + "LayerNorm.weight", (d,)),
                "embed_norm.bias": w.take(e + "LayerNorm.bias", (d,))}
-        for i in range(cfg.n_layer):
-            h, o = f"{p}encoder.layer.{i}.", f"encoder.blocks.{i}."
-            for ours, theirs, shape in _bert_linears(d, ff):
-                out[o + ours + ".weight"] = w.take(h + theirs + ".weight", shape)
-                out[o + ours + ".bias"] = w.take(h + theirs + ".bias", (shape[0],))
-            for ours, theirs in _BERT_NORMS:
-                out[o + ours + ".weight"] = w.take(h + theirs + ".weight", (d,))
-                out[o + ours + ".bias"] = w.take(h + theirs + ".bias", (d,))
-        if cfg.pooler:
-            out["pooler.weight"] = w.take(p + "pooler.dense.weight", (d, d))
-            out["pooler.bias"] = w.take(p + "pooler.dense.bias", (d,))
-        return out
+        return out | encoder_blocks_from_hf(w, cfg, p, _BERT_LINEARS, _BERT_NORMS)
 
     def export_problems(self, cfg):
         problems = common_problems(cfg, "encoder", "learned", "layernorm", ("gelu", "gelu_tanh"), "post")
@@ -289,21 +282,15 @@ class Bert(Architecture):
             problems.append("embed_norm=false (BERT normalises its embeddings)")
         if cfg.type_vocab_size < 1:
             problems.append("type_vocab_size=0 (BERT has token-type embeddings)")
+        if cfg.rel_pos_buckets:
+            problems.append(f"rel_pos_buckets={cfg.rel_pos_buckets} (BERT has no relative-position bias)")
         if cfg.kv_heads != cfg.n_head:
             problems.append(f"n_kv_head={cfg.kv_heads} (BERT has no grouped key/value heads)")
         return problems
 
     def config_to_hf(self, cfg, tokens):
-        return {
-            "architectures": [self.hf_class], "model_type": self.model_type,
-            "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
-            "num_attention_heads": cfg.n_head, "intermediate_size": cfg.ff_dim,
-            "hidden_act": "gelu" if cfg.ffn == "gelu" else "gelu_pytorch_tanh",
-            "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout,
-            "max_position_embeddings": cfg.block_size, "type_vocab_size": cfg.type_vocab_size,
-            "initializer_range": cfg.init_std, "layer_norm_eps": cfg.norm_eps,
-            "position_embedding_type": "absolute", "pad_token_id": tokens.get("pad"),
-        }
+        return encoder_config_to_hf(self, cfg, tokens, max_position_embeddings=cfg.block_size,
+                                    type_vocab_size=cfg.type_vocab_size, position_embedding_type="absolute")
 
     def to_hf(self, state, cfg):
         d, V = cfg.d_model, cfg.vocab_size
@@ -316,25 +303,13 @@ class Bert(Architecture):
                e + "token_type_embeddings.weight": state["type_emb.weight"],
                e + "LayerNorm.weight": state["embed_norm.weight"],
                e + "LayerNorm.bias": bias_or_zeros(state, "embed_norm.bias", d)}
-        for i in range(cfg.n_layer):
-            h, o = f"encoder.layer.{i}.", f"encoder.blocks.{i}."
-            for ours, theirs, shape in _bert_linears(d, cfg.ff_dim):
-                out[h + theirs + ".weight"] = state[o + ours + ".weight"]
-                out[h + theirs + ".bias"] = bias_or_zeros(state, o + ours + ".bias", shape[0])
-            for ours, theirs in _BERT_NORMS:
-                out[h + theirs + ".weight"] = state[o + ours + ".weight"]
-                out[h + theirs + ".bias"] = bias_or_zeros(state, o + ours + ".bias", d)
-        if cfg.pooler:
-            out["pooler.dense.weight"], out["pooler.dense.bias"] = state["pooler.weight"], state["pooler.bias"]
-        return out, notes
+        return out | encoder_blocks_to_hf(state, cfg, _BERT_LINEARS, _BERT_NORMS), notes
 
 
-def _bert_linears(d: int, ff: int) -> tuple[tuple[str, str, tuple[int, int]], ...]:
-    return (("attn.q_proj", "attention.self.query", (d, d)), ("attn.k_proj", "attention.self.key", (d, d)),
-            ("attn.v_proj", "attention.self.value", (d, d)), ("attn.o_proj", "attention.output.dense", (d, d)),
-            ("ffn.up_proj", "intermediate.dense", (ff, d)), ("ffn.down_proj", "output.dense", (d, ff)))
-
-
+#: lmforge's and BERT's names of each block's linear layers and norms
+_BERT_LINEARS = (("attn.q_proj", "attention.self.query"), ("attn.k_proj", "attention.self.key"),
+                 ("attn.v_proj", "attention.self.value"), ("attn.o_proj", "attention.output.dense"),
+                 ("ffn.up_proj", "intermediate.dense"), ("ffn.down_proj", "output.dense"))
 _BERT_NORMS = (("attn_norm", "attention.output.LayerNorm"), ("ffn_norm", "output.LayerNorm"))
 
-ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (GPT2(), Llama(), Bert(), Marian())}
+ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (GPT2(), Llama(), Bert(), MPNet(), Marian())}

@@ -276,7 +276,7 @@ def _write_recipe(path: Path, cfg: Config, out_abs: Path) -> None:
 def architecture_for(cfg: ModelConfig, where: str) -> Architecture:
     """The Hugging Face architecture that expresses ``cfg`` exactly, or a clear refusal."""
     if cfg.arch == "encoder":
-        arch = ARCHITECTURES["bert"]
+        arch = ARCHITECTURES["mpnet" if cfg.rel_pos_buckets else "bert"]
     elif cfg.arch == "seq2seq":
         arch = ARCHITECTURES["marian"]
     elif cfg.pos_encoding == "learned":

@@ -128,6 +128,58 @@ def bias_or_zeros(state: dict[str, torch.Tensor], name: str, size: int) -> torch
     return t if t is not None else torch.zeros(size)
 
 
+def _linear_shape(ours: str, d: int, ff: int) -> tuple[int, int]:
+    return (ff, d) if ours == "ffn.up_proj" else (d, ff) if ours == "ffn.down_proj" else (d, d)
+
+
+def encoder_blocks_from_hf(w: "Weights", cfg: ModelConfig, p: str, linears: tuple, norms: tuple) -> dict[str, torch.Tensor]:
+    """A post-norm encoder's blocks (BERT, MPNet: ``{p}encoder.layer.{i}.``) and pooler, given the
+    (lmforge name, Hugging Face name) pairs of each block's linear layers and norms."""
+    d, ff, out = cfg.d_model, cfg.ff_dim, {}
+    for i in range(cfg.n_layer):
+        h, o = f"{p}encoder.layer.{i}.", f"encoder.blocks.{i}."
+        for ours, theirs in linears:
+            shape = _linear_shape(ours, d, ff)
+            out[o + ours + ".weight"] = w.take(h + theirs + ".weight", shape)
+            out[o + ours + ".bias"] = w.take(h + theirs + ".bias", (shape[0],))
+        for ours, theirs in norms:
+            out[o + ours + ".weight"] = w.take(h + theirs + ".weight", (d,))
+            out[o + ours + ".bias"] = w.take(h + theirs + ".bias", (d,))
+    if cfg.pooler:
+        out["pooler.weight"] = w.take(p + "pooler.dense.weight", (d, d))
+        out["pooler.bias"] = w.take(p + "pooler.dense.bias", (d,))
+    return out
+
+
+def encoder_config_to_hf(arch: "Architecture", cfg: ModelConfig, tokens: dict, **extra: Any) -> dict:
+    """config.json of a post-norm encoder (BERT, MPNet): the keys both share, then ``extra``."""
+    return {
+        "architectures": [arch.hf_class], "model_type": arch.model_type,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head, "intermediate_size": cfg.ff_dim,
+        "hidden_act": "gelu" if cfg.ffn == "gelu" else "gelu_pytorch_tanh",
+        "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout,
+        "initializer_range": cfg.init_std, "layer_norm_eps": cfg.norm_eps, "pad_token_id": tokens.get("pad"), **extra,
+    }
+
+
+def encoder_blocks_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, linears: tuple,
+                         norms: tuple) -> dict[str, torch.Tensor]:
+    """:func:`encoder_blocks_from_hf` backwards (biases written as zeros where the model has none)."""
+    d, out = cfg.d_model, {}
+    for i in range(cfg.n_layer):
+        h, o = f"encoder.layer.{i}.", f"encoder.blocks.{i}."
+        for ours, theirs in linears:
+            out[h + theirs + ".weight"] = state[o + ours + ".weight"]
+            out[h + theirs + ".bias"] = bias_or_zeros(state, o + ours + ".bias", _linear_shape(ours, d, cfg.ff_dim)[0])
+        for ours, theirs in norms:
+            out[h + theirs + ".weight"] = state[o + ours + ".weight"]
+            out[h + theirs + ".bias"] = bias_or_zeros(state, o + ours + ".bias", d)
+    if cfg.pooler:
+        out["pooler.dense.weight"], out["pooler.dense.bias"] = state["pooler.weight"], state["pooler.bias"]
+    return out
+
+
 # ------------------------------------------------------------------------------------ architectures
 
 class Architecture:

@@ -1,7 +1,8 @@
 """Bidirectional encoder (BERT-like): tokens in, one contextual vector per token out.
 
 token embedding (+ positions) (+ token-type embedding) [-> embedding norm] -> n_layer blocks of
-self-attention without the causal mask (padding keys masked) and feed-forward -> [final norm].
+self-attention without the causal mask (padding keys masked; MPNet adds a learned relative-position
+bias to every block's scores) and feed-forward -> [final norm].
 
 The blocks are the decoder's (``layers.Block`` via ``Seq2SeqBlock``, which adds post-norm), run
 with ``causal=False``. BERT is ``pos_encoding=learned, norm=layernorm, norm_position=post,
@@ -13,6 +14,7 @@ Task heads (classification, tagging) sit on top of :class:`EncoderModel` and are
 
 from __future__ import annotations
 
+import math
 
 import torch
 import torch.nn as nn
@@ -22,6 +24,34 @@ from lmforge.errors import LMForgeError
 from lmforge.model.dropout import Dropout
 from lmforge.model.layers import embed_tokens, embedding_scale, init_for_scaled_embeddings, init_gpt_style, make_norm, position_encoding
 from lmforge.model.seq2seq import Seq2SeqBlock
+
+
+class RelativePositionBias(nn.Embedding):
+    """One learned score per head for each bucket of relative distances (key position - query
+    position), added to the attention scores of every block (T5, MPNet): [buckets, n_head].
+
+    Half the buckets hold keys after the query, half those before; in each half distances below a
+    quarter of the buckets get one bucket each, longer ones share buckets spaced logarithmically up
+    to ``max_distance``, beyond which they all fall in the last one.
+    """
+
+    def __init__(self, buckets: int, n_head: int, max_distance: int):
+        super().__init__(buckets, n_head)
+        self.max_distance = max_distance
+
+    def bucket(self, relative: torch.Tensor) -> torch.Tensor:
+        half = self.num_embeddings // 2
+        exact = half // 2
+        out = (relative > 0).long() * half  # keys after the query
+        n = relative.abs()
+        far = exact + (torch.log(n.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
+                       * (half - exact)).long()
+        return out + torch.where(n < exact, n, far.clamp(max=half - 1))
+
+    def forward(self, T: int) -> torch.Tensor:  # type: ignore[override]
+        """The bias of a sequence of T tokens: [1, n_head, T, T]."""
+        pos = torch.arange(T, device=self.weight.device)
+        return super().forward(self.bucket(pos[None, :] - pos[:, None])).permute(2, 0, 1).unsqueeze(0)
 
 
 class Encoder(nn.Module):
@@ -34,10 +64,12 @@ class Encoder(nn.Module):
         self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else None
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """key_padding_mask: bool [B, T], True = real token (padding is never attended to)."""
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """key_padding_mask: bool [B, T], True = real token (padding is never attended to);
+        attn_bias: added to every block's attention scores (:class:`RelativePositionBias`)."""
         for block in self.blocks:
-            x = block(x, causal=False, key_padding_mask=key_padding_mask, rope=rope)
+            x = block(x, causal=False, key_padding_mask=key_padding_mask, rope=rope, attn_bias=attn_bias)
         return self.norm_f(x) if self.norm_f is not None else x
 
 
@@ -55,6 +87,8 @@ class EncoderModel(nn.Module):
         self.tok_emb = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.pos_emb, self.rotary = position_encoding(cfg)
         self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.d_model) if cfg.type_vocab_size else None
+        self.rel_pos = (RelativePositionBias(cfg.rel_pos_buckets, cfg.n_head, cfg.rel_pos_max_distance)
+                        if cfg.rel_pos_buckets else None)
         self.embed_norm = make_norm(cfg) if cfg.embed_norm else None
         self.drop = Dropout(cfg.dropout)
         self.encoder = Encoder(cfg)
@@ -107,7 +141,8 @@ class EncoderModel(nn.Module):
         x = self.drop(x)
         rope = self.rotary(positions) if self.rotary is not None else None
         mask = attention_mask.bool() if attention_mask is not None else None
-        hidden = self.encoder(x, key_padding_mask=mask, rope=rope)
+        bias = self.rel_pos(T) if self.rel_pos is not None else None
+        hidden = self.encoder(x, key_padding_mask=mask, rope=rope, attn_bias=bias)
         if token_logits:
             return (hidden @ self.tok_emb.weight.t())[..., : self.cfg.vocab_size].float()
         return hidden

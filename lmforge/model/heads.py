@@ -156,7 +156,8 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mea
 
 @dataclass
 class Special:
-    """Tokens put around every input: BERT's [CLS] ... [SEP], else the tokenizer's first special
+    """Tokens put around every input: those the tokenizer's post-processor puts there when it
+    names both (BERT's [CLS] ... [SEP], MPNet's <s> ... </s>), else the tokenizer's first special
     token (end of text) at both ends, so a first-token or last-token pooling has a fixed place."""
 
     bos: int | None
@@ -165,10 +166,12 @@ class Special:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "Special":
-        cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-        pad_id = tokenizer.token_to_id("[PAD]")
+        cls_id, sep_id = tokenizer.frame
+        if cls_id is None or sep_id is None:
+            cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+        pad_id = next((i for i in map(tokenizer.token_to_id, ("<pad>", "[PAD]")) if i is not None), 0)
         if cls_id is not None and sep_id is not None:
-            return cls(cls_id, sep_id, pad_id if pad_id is not None else 0)
+            return cls(cls_id, sep_id, pad_id)
         eot = tokenizer.eot_id
         return cls(eot, eot, eot if eot is not None else 0)
 

@@ -269,7 +269,8 @@ CPU_BF16_WRITTEN_OUT_MAX = 256 * 256
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, *,
            causal: bool = False, dropout_p: float = 0.0, scale: float) -> torch.Tensor:
-    """softmax(q kᵀ · scale, masked) v over [B, H, T, D] x [B, H, S, D]; ``mask`` bool, True = may look.
+    """softmax(q kᵀ · scale, masked) v over [B, H, T, D] x [B, H, S, D]; ``mask`` bool, True = may look,
+    or float, added to the scores (a position bias with -inf where a query may not look).
 
     ``F.scaled_dot_product_attention``, except on the CPU while dropping attention weights (torch's
     math path draws that mask with the slow ``bernoulli_``; here it comes from :func:`dropout`) or
@@ -292,7 +293,9 @@ def attention_formula(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     scores = torch.matmul(q, k.transpose(-2, -1)).mul_(scale)
     if causal:
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril_()
-    if mask is not None:
+    if mask is not None and mask.dtype != torch.bool:  # an additive mask: position bias, -inf where not allowed
+        scores = scores + mask
+    elif mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(dropout(scores.softmax(-1), dropout_p), v)
 
@@ -329,12 +332,14 @@ class MultiHeadAttention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: "LayerKVCache | None" = None,
+        bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T, d] -> [B, T, d].
 
         key_padding_mask: bool [B, S] over the keys (with a cache: over cache + new tokens),
         True = real token. rope: (cos, sin) from RotaryEmbedding for the new tokens (self-attention
         only). cache: this layer's slot in a KVCache; the new keys/values are appended to it.
+        bias: [1 or B, n_head, T, S] added to the scores (a relative position bias, MPNet's).
         """
         B, T, _ = x.shape
         source = x if memory is None else memory
@@ -356,12 +361,15 @@ class MultiHeadAttention(nn.Module):
 
         k_len = k.size(2)
         # The fast paths: plain causal masking, or no mask at all (one new token sees every cached key).
-        plain_causal = causal and key_padding_mask is None and offset == 0 and T == k_len
-        no_mask_needed = causal and key_padding_mask is None and T == 1
+        plain_causal = bias is None and causal and key_padding_mask is None and offset == 0 and T == k_len
+        no_mask_needed = bias is None and causal and key_padding_mask is None and T == 1
         mask = None
         if not (plain_causal or no_mask_needed):
             mask = attention_mask(T, k_len, causal=causal, key_padding_mask=key_padding_mask,
                                   offset=offset, device=x.device)
+        if bias is not None:
+            bias = bias.to(q.dtype)
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         y = attend(q, k, v, mask, causal=plain_causal, dropout_p=self.dropout if self.training else 0.0,
                    scale=1.0 / math.sqrt(self.head_dim))  # the 1/sqrt(d_head) the article left out
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
@@ -428,8 +436,10 @@ class Block(nn.Module):
         cache: "LayerKVCache | None" = None,
         memory: torch.Tensor | None = None,
         memory_padding_mask: torch.Tensor | None = None,
+        attn_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.attn(self.attn_norm(x), causal=causal, key_padding_mask=key_padding_mask, rope=rope, cache=cache)
+        h = self.attn(self.attn_norm(x), causal=causal, key_padding_mask=key_padding_mask, rope=rope, cache=cache,
+                      bias=attn_bias)
         x = x + self.drop(h)
         if memory is not None:
             h = self.cross_attn(self.cross_norm(x), memory, key_padding_mask=memory_padding_mask)

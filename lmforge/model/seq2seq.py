@@ -198,11 +198,11 @@ class Seq2SeqBlock(Block):
 
     def forward(self, x: torch.Tensor, *, causal: bool = True, key_padding_mask: torch.Tensor | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None, cache=None, memory: Memory | None = None,
-                memory_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                memory_padding_mask: torch.Tensor | None = None, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
         if not self.post_norm:
             return super().forward(x, causal=causal, key_padding_mask=key_padding_mask, rope=rope, cache=cache,
-                                   memory=memory, memory_padding_mask=memory_padding_mask)
-        h = self.attn(x, causal=causal, key_padding_mask=key_padding_mask, rope=rope, cache=cache)
+                                   memory=memory, memory_padding_mask=memory_padding_mask, attn_bias=attn_bias)
+        h = self.attn(x, causal=causal, key_padding_mask=key_padding_mask, rope=rope, cache=cache, bias=attn_bias)
         x = self.attn_norm(x + self.drop(h))
         if memory is not None:
             x = self.cross_norm(x + self.drop(self.cross_attn(x, memory, key_padding_mask=memory_padding_mask)))

@@ -17,7 +17,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -237,6 +237,22 @@ def limit_lengths(
 # ----------------------------------------------------------------------------------------------- batches
 
 
+def bucketed_batches(lengths: np.ndarray, bucket_size: int, rng: np.random.Generator,
+                     cut: Callable[[np.ndarray], list[list[int]]]) -> list[list[int]]:
+    """One epoch's batches drawn by length: the examples in a random order, split into buckets of
+    ``bucket_size``, each bucket sorted by length (by the first of ``lengths``' columns, then the
+    next) and ``cut`` into batches, which are then shuffled. Batches of like lengths waste little
+    on padding, and the order still changes with every epoch."""
+    lengths = np.asarray(lengths).reshape(len(lengths), -1)
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), bucket_size):
+        bucket = order[start:start + bucket_size]
+        batches.extend(cut(bucket[np.lexsort(lengths[bucket].T[::-1])]))
+    rng.shuffle(batches)
+    return batches
+
+
 def cut_batches(order: Sequence[int], lengths: np.ndarray, batch_tokens: int) -> list[list[int]]:
     """Greedy cut of ``order`` into batches whose padded size rows * sum(max length of each part)
     stays within ``batch_tokens``. ``lengths`` is [N, parts] (e.g. source and target length)."""
@@ -275,16 +291,8 @@ class TokenBatcher:
         self._batches = self._epoch_batches(0)
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(len(self.lengths))
-        batches = []
-        for start in range(0, len(order), self.bucket_size):
-            bucket = order[start:start + self.bucket_size]
-            keys = self.lengths[bucket]
-            bucket = bucket[np.lexsort(keys.T[::-1])]  # by first part, then the next
-            batches.extend(cut_batches(bucket, self.lengths, self.batch_tokens))
-        rng.shuffle(batches)
-        return batches
+        return bucketed_batches(self.lengths, self.bucket_size, np.random.default_rng([self.seed, epoch]),
+                                lambda bucket: cut_batches(bucket, self.lengths, self.batch_tokens))
 
     def next_batch(self) -> list[int]:
         if self.index >= len(self._batches):
