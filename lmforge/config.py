@@ -388,6 +388,9 @@ class TaskConfig:
     #: sentiment, srl: batches of train.batch_size texts of like length (about half the padding of random
     #: batches on short texts); leave off where length says much about the label (batches of one class)
     group_by_length: bool = False
+    #: sentiment, srl: the first N steps train only what the trunk's checkpoint did not fill (the head),
+    #: the trunk frozen and run forward only (about a third of a step); then everything trains
+    head_only_steps: int = 0
     #: seq2seq: train also on this many copies of each pair whose target carries names over from its
     #: source unchanged, those names replaced in both by made-up ones, so that the model learns to copy
     #: names it has never seen (0 = off)
@@ -458,8 +461,9 @@ class TaskConfig:
                 raise LMForgeError(f"task.{name} must be at least 1, got {getattr(self, name)}")
         if self.max_target_len < 2:
             raise LMForgeError("task.max_target_len must be at least 2 (one token and the end token)")
-        if self.made_up_names < 0:
-            raise LMForgeError(f"task.made_up_names must not be negative (0 = off), got {self.made_up_names}")
+        for name in ("made_up_names", "head_only_steps"):
+            if getattr(self, name) < 0:
+                raise LMForgeError(f"task.{name} must not be negative (0 = off), got {getattr(self, name)}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise LMForgeError(f"task.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.max_len_a < 0 or self.max_len_b < 0 or self.max_len_a == self.max_len_b == 0:

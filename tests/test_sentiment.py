@@ -71,6 +71,30 @@ def test_reader_messages(tmp_path):
         read_labelled(tmp_path / "missing.tsv")
 
 
+def test_head_only_steps_leave_the_trunk_untouched_then_train_it(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    trunk = make_trunk(tmp_path, "encoder")
+    train = write(tmp_path / "train.tsv", toy_rows(100, 1))
+    before = load_file(next((trunk / "checkpoints").glob("step_*")) / "model.safetensors")
+    after = {}
+    for steps in (6, 9):
+        run = tmp_path / f"run{steps}"
+        main(["finetune", "sentiment", "--train", str(train), "--init-from", str(trunk), "-q",
+              f"--train.out_dir={run}", f"--train.max_steps={steps}", "--train.lr=1e-3", "--train.warmup_steps=0",
+              "--train.eval_interval=0", "--task.head_only_steps=6", "--task.group_by_length=true"])
+        capsys.readouterr()
+        after[steps] = load_file(next((run / "checkpoints").glob("step_*")) / "model.safetensors")
+    trunk_keys = [k for k in after[6] if k.startswith("trunk.")]
+    assert trunk_keys and {k.removeprefix("trunk.") for k in trunk_keys} <= before.keys()
+    assert all(torch.equal(after[6][k], before[k.removeprefix("trunk.")]) for k in trunk_keys)
+    assert not torch.equal(after[6]["classifier.weight"], after[9]["classifier.weight"])
+    assert sum(not torch.equal(after[9][k], before[k.removeprefix("trunk.")]) for k in trunk_keys) > len(trunk_keys) / 2
+    with pytest.raises(SystemExit):
+        main(["finetune", "sentiment", "--train", str(train), "--init-from", str(trunk), "--task.head_only_steps=-1"])
+    assert "error: task.head_only_steps must not be negative (0 = off), got -1\n" == capsys.readouterr().err
+
+
 def test_scores_known_numbers(tmp_path):
     labels = ["neg", "pos"]
     gold = [0, 0, 0, 1, 1]

@@ -239,6 +239,8 @@ class HeadObjective(Objective):
         model = build_head_model(self.run.cfg, self.trunk)
         # what the trunk's checkpoint does not fill, for train.fresh_lr_scale: the head, LoRA's adapters
         self.run.fresh = [n for n, _ in model.named_parameters() if not n.startswith("trunk.") or ".lora_" in n]
+        fresh = set(self.run.fresh)
+        self._pretrained = [p for n, p in model.named_parameters() if p.requires_grad and n not in fresh]
         return model
 
     def describe(self, model: nn.Module) -> str:
@@ -248,6 +250,11 @@ class HeadObjective(Objective):
                 f"{len(self.train_examples):,} training examples, batch {cfg.train.batch_size} x {cfg.train.grad_accum}")
 
     def next_batch(self, step: int, micro: int) -> dict:
+        # task.head_only_steps: the trunk's weights take no gradient (nothing runs backward through
+        # it) until then, so the head first learns on the pretrained features (linear probing, then
+        # fine-tuning: a random head's first gradients would otherwise reshape the trunk)
+        for p in self._pretrained:
+            p.requires_grad_(step >= self.run.cfg.task.head_only_steps)
         rows = self.sampler.next_batch()  # the same global batch on every rank
         mine = rank_share(rows, self.run.world)
         batch = self.collate([self.train_examples[i] for i in (mine or rows[:1])])
