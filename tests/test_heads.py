@@ -109,8 +109,14 @@ def test_pool_and_trunk_states_match_the_trunk():
     with torch.no_grad():
         h = trunk_states(dec, idx)
         assert torch.allclose(dec.lm_head(h)[..., :50].float(), dec(idx), atol=1e-5)
-        enc = tiny("encoder", 50).eval()
-        assert torch.allclose(trunk_states(enc, idx), enc(idx), atol=1e-6)
+        for extra in ({}, {"type_vocab_size": 2, "embed_norm": True}, {"rel_pos_buckets": 8, "rel_pos_max_distance": 16}):
+            enc = EncoderModel(ModelConfig(arch="encoder", vocab_size=50, block_size=32, n_layer=2, n_head=2,
+                                           d_model=16, norm_position="post", **extra)).eval()
+            if enc.rel_pos is not None:
+                enc.rel_pos.weight.normal_(0, 1)  # a bias that matters
+            padded = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1] * 7]).bool()
+            ours, theirs = trunk_states(enc, idx, padded), enc(idx, attention_mask=padded)
+            assert torch.allclose(ours[padded], theirs[padded], atol=1e-6), extra
     mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1] * 7]).bool()
     assert torch.equal(pool(h, mask, "last")[0], h[0, 2])
     assert torch.allclose(pool(h, mask, "mean")[0], h[0, :3].mean(0))

@@ -56,7 +56,8 @@ def trunk_states(trunk: nn.Module, idx: torch.Tensor, attention_mask: torch.Tens
         for block in trunk.blocks:
             x = block(x, causal=True, key_padding_mask=mask, rope=rope)
         return trunk.norm_f(x)
-    return trunk.encoder(x, key_padding_mask=mask, rope=rope)
+    bias = trunk.rel_pos(T) if getattr(trunk, "rel_pos", None) is not None else None  # MPNet's
+    return trunk.encoder(x, key_padding_mask=mask, rope=rope, attn_bias=bias)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
