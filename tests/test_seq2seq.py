@@ -4,6 +4,7 @@ import copy
 import functools
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -445,6 +446,8 @@ def test_encoder_decoder_started_from_a_bert_style_encoder_encodes_exactly_as_th
     torch.testing.assert_close(s2s.embed_norm.weight, encoder.embed_norm.weight)
     with pytest.raises(LMForgeError, match="encoder checkpoint cannot start a decoder-only"):
         warm_start_config(enc_cfg, ModelConfig(vocab_size=V))
+    with pytest.raises(LMForgeError, match=r"relative-position bias \(MPNet\) cannot start an encoder-decoder"):
+        warm_start_config(replace(enc_cfg, rel_pos_buckets=32), wanted)
 
 
 def test_sinusoidal_encoder_decoder_learns_to_copy_long_sequences_quickly():

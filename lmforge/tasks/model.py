@@ -180,6 +180,9 @@ def warm_start_config(saved: ModelConfig, wanted: ModelConfig) -> ModelConfig:
     if saved.arch == "encoder" and wanted.arch != "seq2seq":
         raise LMForgeError("an encoder checkpoint cannot start a decoder-only model; use --model.arch=seq2seq "
                            "(the encoder-decoder) or start from a language-model checkpoint")
+    if saved.arch == "encoder" and saved.rel_pos_buckets:
+        raise LMForgeError("an encoder with a relative-position bias (MPNet) cannot start an encoder-decoder, "
+                           "whose blocks have none; start from a BERT-style encoder or a language model")
     if saved.arch == "encoder":
         return replace(saved, dropout=wanted.dropout, arch="seq2seq", n_encoder_layer=saved.n_layer,
                        n_layer=min(wanted.n_layer, saved.n_layer), share_embeddings=True, type_vocab_size=0,
