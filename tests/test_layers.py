@@ -361,11 +361,11 @@ def test_few_rows_probe_answers_for_one_and_for_several_rows():
 
 
 @pytest.mark.parametrize("T,S,causal", [(7, 7, False), (7, 7, True), (5, 9, False), (300, 300, False),
-                                          (300, 300, True)])
+                                          (300, 300, True), (7, 7, "bias"), (300, 300, "bias")])
 def test_bf16_attention_on_the_cpu_matches_the_formula_by_either_route(monkeypatch, T, S, causal):
     """bf16 attention on the CPU is written out up to CPU_BF16_WRITTEN_OUT_MAX scores per head and
     goes through SDPA above it; both routes give the float64 formula to bf16 precision, values and
-    gradients, with causal masking or key padding."""
+    gradients, with causal masking, key padding, or an additive bias (MPNet's) with padding at -inf."""
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
@@ -375,12 +375,15 @@ def test_bf16_attention_on_the_cpu_matches_the_formula_by_either_route(monkeypat
     q, k, v = (torch.randn(B, H, n, D, generator=gen).bfloat16().requires_grad_() for n in (T, S, S))
     pad = torch.ones(B, 1, 1, S, dtype=torch.bool)
     pad[1, ..., S // 2:] = False
-    y = attend(q, k, v, None if causal else pad, causal=causal, scale=1 / math.sqrt(D))
+    bias = torch.randn(1, H, T, S, generator=gen) if causal == "bias" else torch.zeros(1, H, T, S)
+    mask = bias.masked_fill(~pad, float("-inf")).bfloat16() if causal == "bias" else None if causal else pad
+    y = attend(q, k, v, mask, causal=causal is True, scale=1 / math.sqrt(D))
     assert y.dtype == torch.bfloat16
     assert len(calls) == (T * S > CPU_BF16_WRITTEN_OUT_MAX)
-    allowed = torch.ones(T, S, dtype=torch.bool).tril() if causal else pad
+    allowed = torch.ones(T, S, dtype=torch.bool).tril() if causal is True else pad
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    weights = (q64 @ k64.transpose(-2, -1) / math.sqrt(D)).masked_fill(~allowed, float("-inf")).softmax(-1)
+    scores = q64 @ k64.transpose(-2, -1) / math.sqrt(D) + bias.bfloat16().double()
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     ref = weights @ v64
     torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=3e-2)
     g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
