@@ -24,6 +24,7 @@ from lmforge.interop.mapping import (
     encoder_blocks_from_hf,
     encoder_blocks_to_hf,
     encoder_config_to_hf,
+    encoder_ffn,
     model_config,
     one_dropout,
     output_head,
@@ -229,9 +230,6 @@ class Llama(Architecture):
 
 # ---------------------------------------------------------------------------------------------- BERT
 
-_BERT_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
-
-
 class Bert(Architecture):
     model_type, hf_class = "bert", "BertModel"
     shape = ("encoder, learned positions, layernorm, post-norm, embed_norm, type_vocab_size >= 1, gelu or gelu_tanh, "
@@ -239,9 +237,7 @@ class Bert(Architecture):
 
     def config_from_hf(self, hf, names):
         notes: list[str] = []
-        act = hf.get("hidden_act", "gelu")
-        if act not in _BERT_ACT:
-            hf.refuse("hidden_act", act, f"lmforge's feed-forward has {', '.join(_BERT_ACT)}")
+        ffn = encoder_ffn(hf)
         pos = hf.get("position_embedding_type", "absolute")
         if pos != "absolute":
             hf.refuse("position_embedding_type", pos, "lmforge's encoder has absolute learned positions")
@@ -252,7 +248,7 @@ class Bert(Architecture):
         cfg = model_config(
             arch="encoder", vocab_size=hf.need("vocab_size"), block_size=hf.get("max_position_embeddings", 512),
             n_layer=hf.need("num_hidden_layers"), n_head=hf.need("num_attention_heads"), d_model=hf.need("hidden_size"),
-            d_ff=hf.need("intermediate_size"), pos_encoding="learned", ffn=_BERT_ACT[act], norm="layernorm",
+            d_ff=hf.need("intermediate_size"), pos_encoding="learned", ffn=ffn, norm="layernorm",
             norm_position="post", norm_eps=float(hf.get("layer_norm_eps", 1e-12)), bias=True,
             type_vocab_size=hf.get("type_vocab_size", 2), embed_norm=True, pooler=pooler,
             dropout=one_dropout(hf, ("hidden_dropout_prob", "attention_probs_dropout_prob"), 0.1, notes),

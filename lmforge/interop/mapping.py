@@ -151,6 +151,18 @@ def encoder_blocks_from_hf(w: "Weights", cfg: ModelConfig, p: str, linears: tupl
     return out
 
 
+#: Hugging Face hidden_act -> lmforge ffn, for the post-norm encoders (BERT, MPNet)
+_ENCODER_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def encoder_ffn(hf: "HFConfig") -> str:
+    """The lmforge ``ffn`` of an encoder's ``hidden_act``, or a refusal naming the ones mapped."""
+    act = hf.get("hidden_act", "gelu")
+    if act not in _ENCODER_ACT:
+        hf.refuse("hidden_act", act, f"lmforge's feed-forward has {', '.join(_ENCODER_ACT)}")
+    return _ENCODER_ACT[act]
+
+
 def encoder_config_to_hf(arch: "Architecture", cfg: ModelConfig, tokens: dict, **extra: Any) -> dict:
     """config.json of a post-norm encoder (BERT, MPNet): the keys both share, then ``extra``."""
     return {

@@ -25,12 +25,12 @@ from lmforge.interop.mapping import (
     encoder_blocks_from_hf,
     encoder_blocks_to_hf,
     encoder_config_to_hf,
+    encoder_ffn,
     model_config,
     one_dropout,
     rows,
 )
 
-_ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 #: rows of the position table before the first token's (Hugging Face's padding_idx + 1)
 POSITION_OFFSET = 2
 BUCKETS, MAX_DISTANCE = 32, 128
@@ -47,9 +47,7 @@ class MPNet(Architecture):
 
     def config_from_hf(self, hf, names):
         notes: list[str] = []
-        act = hf.get("hidden_act", "gelu")
-        if act not in _ACT:
-            hf.refuse("hidden_act", act, f"lmforge's feed-forward has {', '.join(_ACT)}")
+        ffn = encoder_ffn(hf)
         buckets = hf.get("relative_attention_num_buckets", BUCKETS)
         if buckets != BUCKETS:
             hf.refuse("relative_attention_num_buckets", buckets,
@@ -60,7 +58,7 @@ class MPNet(Architecture):
         cfg = model_config(
             arch="encoder", vocab_size=hf.need("vocab_size"), block_size=table - POSITION_OFFSET,
             n_layer=hf.need("num_hidden_layers"), n_head=hf.need("num_attention_heads"), d_model=hf.need("hidden_size"),
-            d_ff=hf.need("intermediate_size"), pos_encoding="learned", ffn=_ACT[act], norm="layernorm",
+            d_ff=hf.need("intermediate_size"), pos_encoding="learned", ffn=ffn, norm="layernorm",
             norm_position="post", norm_eps=float(hf.get("layer_norm_eps", 1e-12)), bias=True, type_vocab_size=0,
             embed_norm=True, pooler=any(n.endswith("pooler.dense.weight") for n in names),
             rel_pos_buckets=BUCKETS, rel_pos_max_distance=MAX_DISTANCE,

@@ -111,13 +111,15 @@ class EncoderModel(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         token_logits: bool = False,
+        extra: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx [B, T] -> hidden states [B, T, d_model] (BERT's ``last_hidden_state``), or with
         ``token_logits`` float32 scores of every vocabulary token at every position [B, T, vocab_size]
         through the (tied) token embedding, h E^T: the masked-language-model output.
 
         attention_mask: [B, T], True/1 = real token (padding, e.g. on the right, is never attended
-        to; its own outputs are computed but meaningless). token_type_ids: [B, T] segment ids
+        to; its own outputs are computed but meaningless). extra: [B, T, d_model] added to the input
+        embeddings before the embedding norm (a task's marks, e.g. SRL's predicate). token_type_ids: [B, T] segment ids
         (default 0). positions: [B, T] (default 0..T-1).
         """
         B, T = idx.shape
@@ -136,6 +138,8 @@ class EncoderModel(nn.Module):
         elif token_type_ids is not None:
             raise LMForgeError("token_type_ids given but the model has no token types (model.type_vocab_size=0); "
                                "leave them out")
+        if extra is not None:
+            x = x + extra.to(x.dtype)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self.drop(x)

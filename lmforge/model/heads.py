@@ -41,23 +41,18 @@ def trunk_states(trunk: nn.Module, idx: torch.Tensor, attention_mask: torch.Tens
     if trunk.rotary is None and T > cfg.block_size:
         raise LMForgeError(f"input of {T} tokens is longer than the model's context ({cfg.block_size}); "
                            "lower task.max_source_len")
+    if not is_causal(trunk):  # the encoder's own forward: token types, MPNet's position bias, ...
+        return trunk(idx, attention_mask=attention_mask, extra=extra)
     positions = torch.arange(T, device=idx.device).unsqueeze(0)
     x = embed_tokens(trunk.tok_emb, idx, getattr(trunk, "emb_scale", 1.0), trunk.pos_emb, positions)
-    if getattr(trunk, "type_emb", None) is not None:
-        x = x + trunk.type_emb(torch.zeros_like(idx))
     if extra is not None:
         x = x + extra.to(x.dtype)
-    if getattr(trunk, "embed_norm", None) is not None:
-        x = trunk.embed_norm(x)
     x = trunk.drop(x)
     rope = trunk.rotary(positions) if trunk.rotary is not None else None
     mask = attention_mask.bool() if attention_mask is not None else None
-    if is_causal(trunk):
-        for block in trunk.blocks:
-            x = block(x, causal=True, key_padding_mask=mask, rope=rope)
-        return trunk.norm_f(x)
-    bias = trunk.rel_pos(T) if getattr(trunk, "rel_pos", None) is not None else None  # MPNet's
-    return trunk.encoder(x, key_padding_mask=mask, rope=rope, attn_bias=bias)
+    for block in trunk.blocks:
+        x = block(x, causal=True, key_padding_mask=mask, rope=rope)
+    return trunk.norm_f(x)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:

@@ -253,8 +253,9 @@ class HeadObjective(Objective):
         # task.head_only_steps: the trunk's weights take no gradient (nothing runs backward through
         # it) until then, so the head first learns on the pretrained features (linear probing, then
         # fine-tuning: a random head's first gradients would otherwise reshape the trunk)
-        for p in self._pretrained:
-            p.requires_grad_(step >= self.run.cfg.task.head_only_steps)
+        if self.run.cfg.task.head_only_steps:
+            for p in self._pretrained:
+                p.requires_grad_(step >= self.run.cfg.task.head_only_steps)
         rows = self.sampler.next_batch()  # the same global batch on every rank
         mine = rank_share(rows, self.run.world)
         batch = self.collate([self.train_examples[i] for i in (mine or rows[:1])])
