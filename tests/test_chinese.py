@@ -4,7 +4,6 @@ validation corpus of its own (data.val_corpus); OpenCC conversion (data.convert)
 recipe on ../shared/data/zh when present."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,31 +152,33 @@ def test_recipe_without_the_data_fails_with_one_line(tmp_path):
     assert "../shared/data/zh/tang.train.jsonl" in lines[0] and "does not exist" in lines[0]
 
 
-def lmforge(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
-
-
-def test_generate_stops_after_lines_and_at_strings(tmp_path):
+def test_generate_stops_after_lines_and_at_strings(tmp_path, monkeypatch, capsys):
     """`lmforge generate --max-lines/--stop` on a tiny model of verses: the printed text is the unlimited
-    text cut at the N-th line break or before the first stop string, streamed or not."""
+    text cut at the N-th line break or before the first stop string, streamed or not (in this process:
+    the command line as a user types it, without a new interpreter per call)."""
+    from lmforge.cli import main
+
+    monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "p.jsonl", [TRADITIONAL + "\n" + SIMPLIFIED] * 40)
-    proc = lmforge("train", "--data.corpus=p.jsonl", "--data.data_dir=data", "--train.out_dir=run",
-                   "--data.special_tokens=[]", "--data.byte_fallback=false", "--model.n_layer=1", "--model.n_head=2",
-                   "--model.d_model=32", "--model.block_size=32", "--train.batch_size=4", "--train.max_steps=4",
-                   "--train.warmup_steps=1", "--train.eval_batches=1", "--train.progress=false",
-                   "--train.tensorboard=false", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    base = ["generate", "run", "-p", "床前明月光", "-n", "300", "-t", "2.0", "--seed", "0"]
-    full = lmforge(*base, "--no-stream", cwd=tmp_path).stdout
+    main(["train", "--data.corpus=p.jsonl", "--data.data_dir=data", "--train.out_dir=run",
+          "--data.special_tokens=[]", "--data.byte_fallback=false", "--model.n_layer=1", "--model.n_head=2",
+          "--model.d_model=32", "--model.block_size=32", "--train.batch_size=4", "--train.max_steps=4",
+          "--train.warmup_steps=1", "--train.eval_batches=1", "--train.progress=false", "--train.tensorboard=false", "-q"])
+    capsys.readouterr()
+
+    def generate(*extra: str) -> str:
+        main(["generate", "run", "-p", "床前明月光", "-n", "300", "-t", "2.0", "--seed", "0", *extra])
+        return capsys.readouterr().out
+
+    full = generate("--no-stream")
     assert full.count("\n") > 4 and "。" in full
     for streamed in ([], ["--no-stream"]):
-        proc = lmforge(*base, "--max-lines", "3", *streamed, cwd=tmp_path)
-        assert proc.returncode == 0 and proc.stdout == "\n".join(full.split("\n")[:3]) + "\n", proc.stderr
-        proc = lmforge(*base, "--stop", "\\n", "--stop", "。", *streamed, cwd=tmp_path)  # the first one found
-        assert proc.stdout == full[:min(full.find("\n"), full.find("。"))] + "\n"
-    proc = lmforge(*base, "--max-lines", "0", cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "max_lines" in proc.stderr
+        assert generate("--max-lines", "3", *streamed) == "\n".join(full.split("\n")[:3]) + "\n"
+        assert generate("--stop", "\\n", "--stop", "。", *streamed) == full[:min(full.find("\n"), full.find("。"))] + "\n"
+    with pytest.raises(SystemExit) as exit_info:
+        generate("--max-lines", "0")
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.strip().count("\n") == 0 and "max_lines" in err
 
 
 @pytest.mark.skipif(not (ZH / "tang.valid.jsonl").is_file(), reason="needs ../shared/data/zh")
