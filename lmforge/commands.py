@@ -71,6 +71,20 @@ def _read_text(path: Path) -> str:
         raise _not_utf8(str(path), e) from None
 
 
+def _input_file(path: str, fix: str) -> Path:
+    """``path`` as an existing file, else a one-line error naming it (shortened) and ``fix``: also
+    for a text given where a file's name belongs (too long for a name, the system says)."""
+    p = Path(path)
+    try:
+        found = p.is_file()
+    except OSError:
+        found = False
+    if not found:
+        shown = path if len(path) <= 60 else path[:57] + "..."
+        raise LMForgeError(f"input file {shown!r} not found; {fix}")
+    return p
+
+
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt is not None:
         return [_unescape(p) for p in args.prompt]
@@ -278,9 +292,7 @@ def _text_inputs(args: argparse.Namespace) -> list[str]:
     if args.text:
         texts = [_unescape(t) for t in args.text]
     elif args.file:
-        p = Path(args.file)
-        if not p.is_file():
-            raise LMForgeError(f"input file {p} not found; give a text file with one input per line")
+        p = _input_file(args.file, "give a text file with one input per line")
         texts = [ln for ln in _read_text(p).splitlines() if ln.strip()]
     elif not sys.stdin.isatty():
         texts = [ln.rstrip("\n") for ln in _stdin_lines() if ln.strip()]
@@ -402,9 +414,8 @@ def _task_inputs(args: argparse.Namespace, texts: list[str] | None, source_key: 
     if path:
         from lmforge.tasks.data import file_format, read_examples
 
-        p = Path(path)
-        if not p.is_file():
-            raise LMForgeError(f"input file {p} not found; give a text file (one input per line) or JSONL")
+        p = _input_file(path, "give a text file (one input per line), JSONL or TSV, or pipe the text into stdin "
+                              "(with --whole, a file that is one document)")
         if getattr(args, "whole", False):
             return iter([_read_text(p)])
         if file_format(p) == "jsonl" or p.suffix.lower() == ".tsv":

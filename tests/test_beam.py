@@ -231,11 +231,13 @@ def test_decoding_flags_of_the_cli_reach_the_search_settings():
             assert getattr(decoding, name) is expected
 
 
-def _source_word_valid(seq, source, continues):
+def _source_word_valid(seq, source, continues, finished=False):
     """An independent statement of source_words: cut the output and the source into words (a token
     that is not a continuation piece, and the continuation pieces after it); every word of several
-    pieces is a word of the source, the last one possibly unfinished; continuation pieces that open
-    the output are free (a byte-level BPE's first word has no space mark)."""
+    pieces is a word of the source, the last one possibly unfinished unless the output is
+    ``finished`` (ended by <eos> before its length limit), when it may not be the first piece of a
+    source word that the source never has alone either; continuation pieces that open the output
+    are free (a byte-level BPE's first word has no space mark)."""
     def words(tokens):
         out = []
         for t in tokens:
@@ -249,7 +251,12 @@ def _source_word_valid(seq, source, continues):
     prefixes = {w[:k] for w in known for k in range(2, len(w))}
     opening = next((k for k, t in enumerate(seq) if t not in continues), len(seq))
     ws = words(seq[opening:])
-    return all(len(w) == 1 or w in known or (k == len(ws) - 1 and w in prefixes) for k, w in enumerate(ws))
+    alone = {w for w in words(source) if len(w) == 1}
+    starts = {w[:1] for w in known}
+    if finished and ws and ws[-1] in starts - alone:
+        return False
+    return all(len(w) == 1 or w in known or (not finished and k == len(ws) - 1 and w in prefixes)
+               for k, w in enumerate(ws))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -279,7 +286,7 @@ def test_source_words_returns_the_best_output_whose_words_the_source_holds(seed)
     greedy = beam.greedy_search(ToyState(2, table, None), [max_len] * 2, EOS, constraints)
     kept = []  # whether the best output holds a word of several pieces
     for i, source in enumerate(sources):
-        valid = [p for p in prefixes if _source_word_valid(p, source, continues)]
+        valid = [p for p in prefixes if _source_word_valid(p, source, continues, finished=len(p) < max_len - 1)]
         assert len(valid) < len(prefixes) / 2  # the rule bites
         best = max(valid, key=lambda p: logp(p) / (len(p) + 1))
         assert hyps[i][0].tokens == list(best)
@@ -289,12 +296,36 @@ def test_source_words_returns_the_best_output_whose_words_the_source_holds(seed)
         assert hyps[i][0].log_prob == pytest.approx(logp(tuple(hyps[i][0].tokens)))
         # greedy: the most likely allowed token at each step
         out = greedy[i]
-        assert _source_word_valid(tuple(out), source, continues)
+        assert _source_word_valid(tuple(out), source, continues, finished=len(out) < max_len - 1)
         for t in range(len(out) + 1):
             token = out[t] if t < len(out) else EOS
-            allowed = [x for x in range(V) if x == EOS or _source_word_valid(tuple(out[:t]) + (x,), source, continues)]
+            allowed = [x for x in range(V) if (_source_word_valid(tuple(out[:t]), source, continues, finished=True)
+                                               if x == EOS else _source_word_valid(tuple(out[:t]) + (x,), source, continues))]
             if t + 1 >= max_len:
                 allowed = [EOS]
             assert token == max(allowed, key=lambda x: table[tuple(out[:t])][x])
     assert any(kept)
 
+
+
+def test_an_unfinished_word_cannot_end_the_output_unless_nothing_else_can():
+    """Source word (1, 3, 3): after the output (1, 3) only 3 may follow, not <eos> (the word would be
+    left half written), after (1) anything but <eos> and 4; at the length limit only <eos>; and where another rule bans the one piece that
+    finishes the word (no token right after itself), <eos> with its own log-probability is what is left."""
+    V, continues = 6, frozenset({3, 4})
+    logp = torch.log_softmax(torch.randn(1, V, generator=torch.Generator().manual_seed(0)), -1)
+    words = beam.Constraints(continues=continues).for_sources([[1, 3, 3]])
+    out = beam._constrain(logp.clone(), [([1, 3], False, 0)], EOS, words)
+    assert torch.isfinite(out[0]).tolist() == [x == 3 for x in range(V)]
+    out = beam._constrain(logp.clone(), [([1], False, 0)], EOS, words)  # 1 begins a source word, never alone
+    assert torch.isfinite(out[0]).tolist() == [x in (1, 2, 3, 5) for x in range(V)]  # not <eos>; a next word may
+    out = beam._constrain(logp.clone(), [([1], False, 0)], EOS, beam.Constraints(continues=continues).for_sources(
+        [[1, 3, 3, 1]]))  # ... where the source has 1 alone too, <eos> may follow it
+    assert torch.isfinite(out[0]).tolist() == [x != 4 for x in range(V)]
+    out = beam._constrain(logp.clone(), [([1, 3], True, 0)], EOS, words)
+    assert torch.isfinite(out[0]).tolist() == [x == EOS for x in range(V)]
+    strict = beam.Constraints(continues=continues, no_immediate_repeat=True).for_sources([[1, 3, 3]])
+    out = beam._constrain(logp.clone(), [([1, 3], False, 0)], EOS, strict)
+    assert torch.isfinite(out[0]).tolist() == [x == EOS for x in range(V)] and out[0, EOS] == logp[0, EOS]
+    out = beam._constrain(logp.clone(), [([1, 3, 3], False, 0)], EOS, strict)  # whole: <eos> or a next word
+    assert torch.isfinite(out[0]).tolist() == [x not in continues for x in range(V)]

@@ -13,7 +13,8 @@ import torch
 
 from lmforge.errors import LMForgeError
 from lmforge.tasks import metrics
-from lmforge.tasks.data import TokenBatcher, limit_lengths, read_examples, sorted_batches
+from lmforge.tasks.data import TokenBatcher, cut_tokens, limit_lengths, read_examples, sorted_batches
+from lmforge.tokenizer import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -78,6 +79,26 @@ def test_over_long_examples_are_cut_or_skipped_and_reported():
     assert index == [2] and report.skipped == 2 and "2 examples skipped" in report.summary()
     with pytest.raises(LMForgeError, match="every example is longer"):
         limit_lengths(sources[:2], targets[:2], 5, 6, "skip", (7, 7))
+
+
+def test_cuts_keep_whole_words():
+    """A cut that would split a word leaves the whole word out (a source ending in half a word lets
+    the summary's source_words rule take the half for a word); a first word longer than the room
+    is cut where it has to be; without continuation pieces a cut is a plain cut."""
+    C = frozenset({10, 11, 12})
+    ids = [5, 1, 10, 11, 2, 3, 12]  # words: 5 | 1 10 11 | 2 | 3 12
+    assert cut_tokens(ids, 3, C) == [5] and cut_tokens(ids, 4, C) == [5, 1, 10, 11]
+    assert cut_tokens(ids, 6, C) == [5, 1, 10, 11, 2] and cut_tokens(ids, 7, C) == ids
+    assert cut_tokens([1, 10, 11, 12], 2, C) == [1, 10] and cut_tokens(ids, 3) == [5, 1, 10]
+    s, t, _, _ = limit_lengths([ids], [ids], 6, 3, "truncate", (7, 4), C)
+    assert s == [[5, 1, 10, 11, 2]] and t == [[5]]
+    tok = Tokenizer.train(["unbelievable things happen", "things"] * 20, kind="bpe", vocab_size=300)
+    text = "things unbelievable"
+    ids = tok.encode(text)
+    first = len(tok.encode("things"))
+    assert len(ids) > first + 1  # the second word is several pieces
+    for room in range(first, len(ids)):
+        assert tok.decode(cut_tokens(ids, room, tok.continuation_ids())).strip() == "things"
 
 
 # --------------------------------------------------------------------------------------------- batches
@@ -326,6 +347,21 @@ def test_wrong_kind_of_checkpoint_and_bad_data_are_one_line_errors(runs):
                                cwd=root), "already holds checkpoints")
     assert_clear_error(lmforge("finetune", "summarization", "--train", "train.tsv", "--train.out_dir=y", *TINY,
                                cwd=root), "no column 'document'")
+
+
+def test_a_text_where_a_file_belongs_is_a_one_line_error(tmp_path):
+    """`lmforge summarize RUN FILE` given the document itself (too long for a file name, which the
+    system refuses with an OSError) or a missing file: one line naming it, shortened, and the fix."""
+    import argparse
+
+    from lmforge.commands import _task_inputs
+
+    for given in ("Ken Livingstone should stick to his guns. " * 20, str(tmp_path / "missing.txt")):
+        with pytest.raises(LMForgeError, match=r"input file '.{1,60}' not found; .*pipe the text into stdin"):
+            _task_inputs(argparse.Namespace(file=given, whole=False), None, "document")
+    (tmp_path / "doc.txt").write_text("One document.\nAnother.\n")
+    assert list(_task_inputs(argparse.Namespace(file=str(tmp_path / "doc.txt"), whole=False), None, "document")) == [
+        "One document.", "Another."]
 
 
 def test_decoder_only_design_from_a_language_model(runs):

@@ -136,9 +136,9 @@ def _piece_mask(pieces: frozenset[int], vocab_size: int) -> torch.Tensor:
 
 
 class SourceWords:
-    """The words of several pieces that one source holds (a token that is not a continuation piece
-    and the continuation pieces after it): which piece may follow each of their beginnings, and
-    which are whole."""
+    """The words that one source holds (a token that is not a continuation piece and the
+    continuation pieces after it): which piece may follow each beginning of a word of several
+    pieces, and which words are whole (of one piece or several)."""
 
     def __init__(self, source: Sequence[int], continues: frozenset[int]):
         self.next: dict[tuple[int, ...], set[int]] = {}
@@ -148,8 +148,9 @@ class SourceWords:
             if t is not None and t in continues and word:
                 word.append(t)
                 continue
-            if len(word) > 1:
+            if word:
                 self.whole.add(tuple(word))
+            if len(word) > 1:
                 for k in range(1, len(word)):
                     self.next.setdefault(tuple(word[:k]), set()).add(word[k])
             word = [] if t is None else [t]
@@ -162,8 +163,10 @@ class Constraints:
     ``no_repeat_words``: the tokenizer's word-initial tokens, so that no word begins twice), or,
     given ``continues`` (the tokenizer's continuation pieces: the task's ``source_words``), write
     a word of several pieces that its source does not hold: a continuation piece may only extend
-    the word begun so far towards a word of the source, and a next word (not <eos>) may only begin
-    once that word is whole. ``words``: each source's :class:`SourceWords` (:meth:`for_sources`).
+    the word begun so far towards a word of the source, and a next word may only begin once that
+    word is whole; nor may <eos> come while the output ends in the beginning of a source word that
+    the source never has as it stands ("apologis" of "apologise"), except at the length limit or
+    where the other rules leave nothing else. ``words``: each source's :class:`SourceWords` (:meth:`for_sources`).
     ``decodable``: ids from this one on are never written (an imported model's vocabulary padded
     beyond its tokenizer); 0 = every id."""
 
@@ -195,11 +198,12 @@ class Constraints:
         return banned
 
     def word_ban(self, rows: Sequence[tuple[Sequence[int], bool, int]], vocab_size: int, eos_id: int) -> torch.Tensor:
-        """[rows, vocab] True where ``continues``' rule forbids the token (never <eos>)."""
+        """[rows, vocab] True where ``continues``' rule forbids the token (<eos> only after an
+        unfinished word of the source, and not at the length limit)."""
         cont = _piece_mask(self.continues, vocab_size)
         ban = torch.zeros(len(rows), vocab_size, dtype=torch.bool)
-        extend, open_rows, keep_rows, keep_tokens = [], [], [], []
-        for r, (tokens, _, i) in enumerate(rows):
+        extend, open_rows, unfinished, keep_rows, keep_tokens = [], [], [], [], []
+        for r, (tokens, at_limit, i) in enumerate(rows):
             word = current_word(tokens, self.continues)
             if not word:
                 continue
@@ -207,12 +211,16 @@ class Constraints:
             nxt = self.words[i].next.get(word, ())
             keep_rows += [r] * len(nxt)
             keep_tokens += nxt
-            if len(word) > 1 and word not in self.words[i].whole:
-                open_rows.append(r)
+            if word not in self.words[i].whole:
+                if len(word) > 1:
+                    open_rows.append(r)
+                if nxt and not at_limit:
+                    unfinished.append(r)
         ban[extend] = cont
         ban[keep_rows, keep_tokens] = False
         ban[open_rows] |= ~cont
         ban[:, eos_id] = False
+        ban[unfinished, eos_id] = True  # no output ends in half a word
         return ban
 
 
@@ -221,9 +229,11 @@ NONE = Constraints()
 
 def _constrain(logp: torch.Tensor, rows: list[tuple[Sequence[int], bool, int]], eos_id: int,
                constraints: Constraints = NONE) -> torch.Tensor:
-    """Ban what ``constraints`` forbid (never <eos>), and allow only <eos> on rows at their length
-    limit. rows[i] = (tokens, at_limit, index of the row's source)."""
+    """Ban what ``constraints`` forbid (<eos> only while a word is unfinished, and never on a row
+    that would have nothing left), and allow only <eos> on rows at their length limit.
+    rows[i] = (tokens, at_limit, index of the row's source)."""
     if constraints.active:
+        eos_before = logp[:, eos_id].clone()
         ban_rows, ban_tokens = [], []
         for r, (tokens, _, _) in enumerate(rows):
             banned = constraints.banned(tokens)
@@ -236,6 +246,9 @@ def _constrain(logp: torch.Tensor, rows: list[tuple[Sequence[int], bool, int]], 
             logp.masked_fill_(constraints.word_ban(rows, logp.size(-1), eos_id).to(logp.device), -math.inf)
         if 0 < constraints.decodable < logp.size(-1):
             logp[:, constraints.decodable:] = -math.inf
+        stuck = torch.isneginf(logp).all(-1)  # every token banned: the output ends here
+        if stuck.any():
+            logp[stuck, eos_id] = eos_before[stuck]
     limit = [r for r, (_, at_limit, _) in enumerate(rows) if at_limit]
     if limit:
         eos_col = logp[limit, eos_id].clone()

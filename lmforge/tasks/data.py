@@ -205,11 +205,25 @@ class LengthReport:
                 "action": self.action, "skipped": self.skipped}
 
 
+def cut_tokens(ids: Sequence[int], room: int, continues: frozenset[int] = frozenset()) -> list[int]:
+    """The first ``room`` of ``ids``, without the beginning of a word the cut would split (the
+    first token left out continues it, one of the tokenizer's ``continues`` pieces): a text cut
+    short ends in whole words ("... and not", not "... and not apologis"). A first word longer than
+    ``room`` is cut where it has to be."""
+    if len(ids) <= room:
+        return list(ids)
+    j = room
+    while j > 0 and ids[j] in continues:
+        j -= 1
+    return list(ids[:j] if j > 0 else ids[:room])
+
+
 def limit_lengths(
     sources: Sequence[list[int]], targets: Sequence[list[int]], max_source: int, max_target: int, action: str,
-    limits: tuple[int, int],
+    limits: tuple[int, int], continues: frozenset[int] = frozenset(),
 ) -> tuple[list[list[int]], list[list[int]], list[int], LengthReport]:
-    """Cut (or drop) token lists longer than ``max_source`` / ``max_target``.
+    """Cut (or drop) token lists longer than ``max_source`` / ``max_target`` (cut in whole words
+    of the tokenizer's ``continues`` pieces: :func:`cut_tokens`).
 
     ``limits`` are the user-facing task.max_source_len / max_target_len, for the report (the
     caller subtracts the room its special tokens need). Returns the kept sources, targets,
@@ -224,7 +238,7 @@ def limit_lengths(
             if action == "skip":
                 report.skipped += 1
                 continue
-            s, t = s[:max_source], t[:max_target]
+            s, t = cut_tokens(s, max_source, continues), cut_tokens(t, max_target, continues)
         kept_s.append(list(s))
         kept_t.append(list(t))
         index.append(i)

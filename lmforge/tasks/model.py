@@ -13,6 +13,7 @@ from torch import nn
 from lmforge.config import Config, ModelConfig, TaskConfig
 from lmforge.errors import LMForgeError
 from lmforge.generate import beam
+from lmforge.tasks.data import cut_tokens
 from lmforge.tasks.format import SpecialIds, TaskFormat
 from lmforge.tasks.surface import surface_text
 
@@ -102,11 +103,13 @@ class TaskModel:
         self.fmt = TaskFormat(cfg.model.arch, ids)
 
     def encode_sources(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
-        """Formatted sources, each cut to task.max_source_len tokens; also how many were cut."""
+        """Formatted sources, each cut to task.max_source_len tokens (in whole words, as in training:
+        :func:`~lmforge.tasks.data.cut_tokens`); also how many were cut."""
         room = self.cfg.task.max_source_len - self.fmt.source_room
         ids = self.tokenizer.encode_batch(list(texts)) if texts else []
         cut = sum(len(s) > room for s in ids)
-        return [self.fmt.source(s[:room]) for s in ids], cut
+        continues = self.tokenizer.continuation_ids()
+        return [self.fmt.source(cut_tokens(s, room, continues)) for s in ids], cut
 
     def generate(self, texts: Sequence[str], decoding: Decoding | None = None, batch_size: int = 32,
                  warn=None) -> list[str]:
