@@ -310,8 +310,9 @@ def test_source_words_returns_the_best_output_whose_words_the_source_holds(seed)
 
 def test_an_unfinished_word_cannot_end_the_output_unless_nothing_else_can():
     """Source word (1, 3, 3): after the output (1, 3) only 3 may follow, not <eos> (the word would be
-    left half written), after (1) anything but <eos> and 4; at the length limit only <eos>; and where another rule bans the one piece that
-    finishes the word (no token right after itself), <eos> with its own log-probability is what is left."""
+    left half written), after (1) anything but <eos> and 4; at the length limit only <eos>; and where
+    another rule bans the one piece that finishes the word (no token right after itself), <eos> with
+    its own log-probability is what is left."""
     V, continues = 6, frozenset({3, 4})
     logp = torch.log_softmax(torch.randn(1, V, generator=torch.Generator().manual_seed(0)), -1)
     words = beam.Constraints(continues=continues).for_sources([[1, 3, 3]])
