@@ -44,16 +44,22 @@ class DirectoryLock:
         except (OSError, ValueError):
             return None
 
-    def acquire(self) -> "DirectoryLock":
+    def _make_directory(self) -> None:
         try:
             self.created_directory = not self.directory.exists()
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise LMForgeError(f"cannot create {self.directory} ({e.strerror}); choose a writable directory") from None
+
+    def acquire(self) -> "DirectoryLock":
+        self._make_directory()
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         while True:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileNotFoundError:  # the holder made the directory, wrote nothing and removed it: make it again
+                self._make_directory()
+                continue
             except FileExistsError:
                 holder = self._holder()
                 if holder is None:  # being written this instant, or unreadable: look again

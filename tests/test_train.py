@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 import socket
 import math
 import struct
@@ -319,6 +320,32 @@ def test_a_run_directory_in_use_is_refused_and_a_dead_holders_lock_taken_over(co
     (out / LOCK).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
     assert train(make_cfg(corpus_dir, out, max_steps=2))["steps"] == 2  # a stale lock is taken over
     assert not (out / LOCK).exists()
+
+
+def test_a_waiter_outlives_a_holder_that_removes_the_directory_it_made(tmp_path):
+    """Two runs started together on a data directory neither has made: the first makes it, holds
+    the lock, writes nothing and removes both; the second, waiting, makes the directory again and
+    takes the lock (it used to stop with "cannot write ... (No such file or directory)")."""
+    import subprocess
+    import sys
+
+    from lmforge.lock import LOCK, DirectoryLock
+
+    data = tmp_path / "data"
+    holder = DirectoryLock(data, "tokenizer training").acquire()
+    assert holder.created_directory
+    waiter = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from lmforge.lock import DirectoryLock; print('ready', flush=True); "
+         "DirectoryLock(sys.argv[1], 'tokenizer training', wait=True, poll=0.05).acquire(); print('held')", str(data)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert waiter.stdout.readline().strip() == "ready"
+    time.sleep(1.0)  # it finds the directory there and the lock taken, and waits
+    assert waiter.poll() is None, waiter.communicate()
+    holder.release()
+    assert not data.exists()  # the holder left no trace
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0 and out.split() == ["held"], err
+    assert (data / LOCK).is_file()  # the directory made again, with the waiter's lock in it
 
 
 def test_data_prepared_from_another_corpus_is_refused(tmp_path):
