@@ -103,8 +103,9 @@ class TaskModel:
         self.fmt = TaskFormat(cfg.model.arch, ids)
 
     def encode_sources(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
-        """Formatted sources, each cut to task.max_source_len tokens (in whole words, as in training:
-        :func:`~lmforge.tasks.data.cut_tokens`); also how many were cut."""
+        """Formatted sources, each cut to task.max_source_len tokens in whole words
+        (:func:`~lmforge.tasks.data.cut_tokens`: a source must not end in half a word, which the
+        ``source_words`` rule would take for one of its words); also how many were cut."""
         room = self.cfg.task.max_source_len - self.fmt.source_room
         ids = self.tokenizer.encode_batch(list(texts)) if texts else []
         cut = sum(len(s) > room for s in ids)

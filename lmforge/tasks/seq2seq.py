@@ -78,7 +78,7 @@ class TaskData:
         tgt_ids = tokenizer.encode_batch([t for _, t in pairs])
         sources, targets, index, limits = limit_lengths(
             src_ids, tgt_ids, task.max_source_len - fmt.source_room, task.max_target_len - 1, task.overlong,
-            (task.max_source_len, task.max_target_len), tokenizer.continuation_ids())
+            (task.max_source_len, task.max_target_len))
         lengths = np.array(fmt.lengths(sources, targets), dtype=np.int64)
         return cls([pairs[i] for i in index], sources, targets, lengths, read, limits, len(pairs) - n_read)
 
