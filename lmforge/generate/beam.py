@@ -233,7 +233,7 @@ def _constrain(logp: torch.Tensor, rows: list[tuple[Sequence[int], bool, int]], 
     that would have nothing left), and allow only <eos> on rows at their length limit.
     rows[i] = (tokens, at_limit, index of the row's source)."""
     if constraints.active:
-        eos_before = logp[:, eos_id].clone()
+        eos_before = logp[:, eos_id].clone() if constraints.continues else None  # only word_ban bans <eos>
         ban_rows, ban_tokens = [], []
         for r, (tokens, _, _) in enumerate(rows):
             banned = constraints.banned(tokens)
@@ -246,9 +246,10 @@ def _constrain(logp: torch.Tensor, rows: list[tuple[Sequence[int], bool, int]], 
             logp.masked_fill_(constraints.word_ban(rows, logp.size(-1), eos_id).to(logp.device), -math.inf)
         if 0 < constraints.decodable < logp.size(-1):
             logp[:, constraints.decodable:] = -math.inf
-        stuck = torch.isneginf(logp).all(-1)  # every token banned: the output ends here
-        if stuck.any():
-            logp[stuck, eos_id] = eos_before[stuck]
+        if eos_before is not None:
+            stuck = torch.isneginf(logp).all(-1)  # every token banned: the output ends here
+            if stuck.any():
+                logp[stuck, eos_id] = eos_before[stuck]
     limit = [r for r, (_, at_limit, _) in enumerate(rows) if at_limit]
     if limit:
         eos_col = logp[limit, eos_id].clone()
